@@ -1,0 +1,32 @@
+"""Frozen image encoders behind one interface (see :mod:`spg_dist.backbones.base`).
+
+``create_backbone(name, weights=..., device=...)`` builds any registry entry; ``backbone.encode(uint8 images,
+layers)`` returns ``{layer: [B, Hp, Wp, d]}`` patch grids with CLS/register tokens dropped. Nothing here
+downloads at import time, and model libraries (transformers, open_clip) load only when a model is built.
+"""
+
+from .base import (
+    resolve_layers,
+    Backbone,
+    BackboneConfig,
+    PreprocessSpec,
+    UnknownBackboneError,
+    WeightsMismatchError,
+    WeightsUnavailableError,
+)
+from .registry import (
+    RANDOM_SUFFIX,
+    RANDOM_WEIGHTS,
+    check_weights,
+    create_backbone,
+    get_config,
+    list_backbones,
+    register_backbone,
+    save_backbone,
+)
+
+__all__ = [
+    "Backbone", "BackboneConfig", "resolve_layers", "PreprocessSpec", "UnknownBackboneError", "WeightsMismatchError",
+    "WeightsUnavailableError", "RANDOM_SUFFIX", "RANDOM_WEIGHTS", "check_weights", "create_backbone", "get_config",
+    "list_backbones", "register_backbone", "save_backbone",
+]

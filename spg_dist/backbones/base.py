@@ -1,0 +1,137 @@
+"""The one interface every frozen encoder sits behind.
+
+The extraction pipeline only knows this interface: it resizes images on CPU to ``spec.image_size`` (uint8,
+HWC), hands batches to :meth:`Backbone.encode`, and stores the returned patch grids. Normalisation happens
+inside ``encode`` on the model's device, so the CPU side ships compact uint8 and never needs the model's
+statistics beyond the resize size.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+
+class UnknownBackboneError(KeyError):
+    """Raised for a backbone name not in the registry; the message lists the known names."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want one readable line
+        return str(self.args[0]) if self.args else ""
+
+
+class WeightsMismatchError(ValueError):
+    """Raised when a weights path does not fit the backbone's config (never a silent random init)."""
+
+
+class WeightsUnavailableError(FileNotFoundError):
+    """Raised when weights cannot be found: a local path that does not exist, or a hub id / pretrained tag that
+    is neither cached nor downloadable (offline). The message names what was tried and how to pass a local path."""
+
+
+def resolve_layers(layers: Sequence[int] | None, num_layers: int, name: str = "backbone") -> list[int]:
+    """Block indices 1..num_layers; negative counts from the end (-1 = last block); None = last block."""
+    out = []
+    for layer in layers or [-1]:
+        idx = layer + num_layers + 1 if layer < 0 else layer
+        if not 1 <= idx <= num_layers:
+            raise ValueError(f"layer {layer} out of range for {name} (blocks 1..{num_layers}, or -1 for the last)")
+        out.append(idx)
+    return out
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What the CPU side must do to an image before ``encode``: resize to a square of ``image_size``."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: str = "bicubic"  # PIL resampling filter name used for the resize
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """A registry entry: everything known about a backbone without building it."""
+
+    name: str  # registry name, e.g. "dinov3-vitl16", "tiny-dinov3"
+    family: str  # "dinov2" | "dinov3" | "siglip" | "openclip" | ...
+    source: str  # hub id, open_clip model name, or "" for locally built random-init variants
+    image_size: int
+    patch_size: int
+    dim: int
+    num_layers: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    num_prefix_tokens: int = 0  # CLS + register tokens dropped before the patch grid
+    untrained: bool = False  # True for the tiny random-init variants used by tests
+    description: str = ""
+    resample: str = "bicubic"  # the resize filter the model's own preprocessing uses (PIL name)
+    options: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.image_size // self.patch_size, self.image_size // self.patch_size
+
+    @property
+    def preprocess(self) -> PreprocessSpec:
+        return PreprocessSpec(self.image_size, self.mean, self.std, self.resample)
+
+
+class Backbone(ABC):
+    """A frozen encoder: eval mode, no grad, bf16 autocast on CUDA."""
+
+    config: BackboneConfig
+    device: torch.device
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return self.config.preprocess
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.config.grid
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    def resolve_layers(self, layers: Sequence[int] | None) -> list[int]:
+        return resolve_layers(layers, self.config.num_layers, self.name)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] (any device) -> float [B, 3, H, W] on the model device, normalised."""
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        stats = getattr(self, "_norm_stats", None)
+        if stats is None or stats[0].device != x.device:  # built once per device, not per batch
+            mean = torch.tensor(self.config.mean, device=x.device).view(1, 3, 1, 1)
+            std = torch.tensor(self.config.std, device=x.device).view(1, 3, 1, 1)
+            stats = self._norm_stats = (mean, std)
+        return (x - stats[0]) / stats[1]
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor, layers: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+        """uint8 [B, H, W, 3] at ``spec.image_size`` -> {layer: float32 tokens [B, Hp, Wp, d]} on the model device.
+
+        Layer L is the output of transformer block L (1-based), before the model's final norm.
+        """
+        resolved = self.resolve_layers(layers)
+        x = self.normalise(pixels)
+        use_bf16 = self.device.type == "cuda"
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            grids = self._forward_layers(x, resolved)
+        return {layer: grids[layer].float() for layer in resolved}
+
+    def save(self, path: str) -> str:
+        """Write a checkpoint that ``create_backbone(self.name, weights=<returned path>)`` loads exactly."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save checkpoints")
+
+    @abstractmethod
+    def _forward_layers(self, x: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        """Normalised float [B, 3, H, W] -> {layer: [B, Hp, Wp, d]} with prefix tokens dropped."""

@@ -1,0 +1,168 @@
+"""Distributed extraction: dataset records -> Ray Data (decode -> backbone actor pool -> fragment writers)
+-> ``patch_tokens``, ``images`` and ``errors`` in the store.
+
+Token bytes never pass through the driver: writer tasks write Lance fragments next to the table and hand
+back only their JSON descriptions, which the driver commits in batches (every ``commit_every_s`` seconds
+and at the end). A crash loses at most the uncommitted window; a re-run skips every (image, layer) already
+stored, so it writes only what is missing and never a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from spg_dist.backbones import check_weights, get_config, resolve_layers
+from spg_dist.data.records import ImageRecord
+from spg_dist.data.spec import list_records
+from spg_dist.distributed.extract_ops import PASS_COLUMNS, RECORD_COLUMNS, EncodeActor, decode_batch, write_fragment_batch
+from spg_dist.distributed.runtime import cluster_gpus, ensure_ray
+from spg_dist.store import Store, where_clause
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractResult:
+    backbone_id: str
+    layers: list[int]
+    images_listed: int
+    images_skipped: int  # already complete in the store
+    rows_written: int
+    errors: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    token_bytes: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        done = self.images_listed - self.images_skipped
+        return done / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.backbone_id} layers {self.layers}: {self.rows_written} patch_tokens rows written, "
+                f"{self.images_skipped} images already stored, {len(self.errors)} errors, "
+                f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s)")
+
+
+def backbone_id_for(backbone: str, weights: str | None) -> str:
+    """Rows are keyed by this id, so tokens of other weights under the same architecture never collide."""
+    if not weights:
+        return backbone
+    return f"{backbone}@{os.path.basename(os.path.normpath(weights))}"
+
+
+def extract(dataset: str, backbone: str, store: str | Store, *, weights: str | None = None,
+            layers: Sequence[int] | None = None, image_size: int | None = None,
+            categories: Sequence[str] | None = None, backbone_id: str | None = None,
+            batch_size: int = 16, num_actors: int = 1, gpus_per_actor: float | None = None,
+            cpus_per_actor: float = 1.0, rows_per_fragment: int | None = None, commit_every_s: float = 30.0,
+            address: str | None = None, num_cpus: int | None = None, progress: bool = True,
+            records: Sequence[ImageRecord] | None = None) -> ExtractResult:
+    """Extract patch tokens of ``dataset`` (``mvtec:PATH`` | ``visa:PATH`` | ``folder:PATH``) into ``store``.
+
+    ``gpus_per_actor`` None means one GPU per actor when the cluster has GPUs, CPU actors otherwise.
+    """
+    import ray
+
+    t0 = time.perf_counter()
+    store = store if isinstance(store, Store) else Store(store)
+    config = get_config(backbone)  # unknown name -> one line listing the known ones, before Ray starts
+    check_weights(backbone, weights)  # wrong weights fail here, not in every actor of the pool
+    size = image_size or config.image_size
+    recs = list(records) if records is not None else list_records(dataset, categories=categories)
+    bid = backbone_id or backbone_id_for(backbone, weights)
+    layer_list = sorted(set(resolve_layers(layers, config.num_layers, backbone)))
+
+    existing = store.keys("patch_tokens", where=where_clause(backbone=bid, layer=layer_list))
+    have: dict[str, set[int]] = {}
+    for _, layer, image_id in existing:
+        have.setdefault(image_id, set()).add(int(layer))
+    todo = [r for r in recs if not have.get(r.image_id, set()) >= set(layer_list)]
+    partial = frozenset((r.image_id, layer) for r in todo for layer in have.get(r.image_id, ()))
+    result = ExtractResult(bid, layer_list, len(recs), len(recs) - len(todo), 0)
+    if not todo:
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    ensure_ray(address, num_cpus)
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if cluster_gpus() >= 1 else 0.0
+    device = "cuda" if gpus_per_actor > 0 else "cpu"
+    lance_uri = store.lance_uri("patch_tokens")
+    if rows_per_fragment is None:  # aim for ~64 MB fragments: few files, bounded writer memory
+        row_bytes = config.grid[0] * config.grid[1] * config.dim * 2 * (size / config.image_size) ** 2
+        rows_per_fragment = int(max(batch_size, min(4096, 64e6 // max(row_bytes, 1))))
+
+    items = [{k: getattr(r, k) for k in RECORD_COLUMNS} for r in todo]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size, 512)))
+    ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": size, "resample": config.preprocess.resample},
+                        batch_size=batch_size,
+                        batch_format="numpy", num_cpus=0.5)
+    actor_args = dict(backbone=backbone, weights=weights, layers=layer_list, image_size=size, backbone_id=bid,
+                      device=device, torch_threads=None if device == "cuda" else max(1, int(cpus_per_actor)))
+    resources = {"num_gpus": gpus_per_actor} if gpus_per_actor > 0 else {"num_cpus": cpus_per_actor}
+    ds = ds.map_batches(EncodeActor, fn_constructor_kwargs=actor_args, batch_size=batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=num_actors), **resources)
+    ds = ds.map_batches(write_fragment_batch, fn_kwargs=dict(lance_uri=lance_uri, skip=partial,
+                                                             storage_options=store.storage_options),
+                        batch_size=rows_per_fragment, batch_format="pyarrow", num_cpus=0.5)
+
+    pending: list[str] = []
+    images: dict[str, dict] = {}
+    errors: dict[tuple, dict] = {}
+    last_commit = time.monotonic()
+    bar = tqdm(total=len(todo) * len(layer_list), unit="row", desc=f"extract {bid}", disable=not progress)
+
+    def commit() -> None:
+        nonlocal pending, last_commit
+        result.rows_written += store.commit_fragments("patch_tokens", pending)
+        if images:
+            store.upsert("images", list(images.values()))
+        if errors:
+            store.upsert("errors", list(errors.values()))
+        result.errors.extend(errors.values())
+        pending, last_commit = [], time.monotonic()
+        images.clear()
+        errors.clear()
+
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            _collect(batch, bid, pending, images, errors, result)
+            bar.update(batch.num_rows)
+            if time.monotonic() - last_commit >= commit_every_s:
+                commit()
+    finally:
+        commit()  # on Ctrl-C or a failed task too: whatever was written so far is kept
+        bar.close()
+    for e in result.errors:
+        log.warning("%s: %s", e["stage"], e["reason"])
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _collect(batch: pa.Table, bid: str, pending: list[str], images: dict, errors: dict,
+             result: ExtractResult) -> None:
+    now = pa.scalar(time.time() * 1e6, pa.int64()).cast(pa.timestamp("us")).as_py()
+    for extra in batch.column("fragments").to_pylist():
+        if extra:
+            info = json.loads(extra)
+            pending.extend(info["fragments"])
+            result.token_bytes += info["bytes"]
+    for row in batch.select([*PASS_COLUMNS, "written"]).to_pylist():
+        if row["error"]:
+            errors[(row["error_stage"], bid, row["image_id"])] = dict(
+                stage=row["error_stage"], backbone=bid, image_id=row["image_id"], dataset=row["dataset"],
+                uri=row["image_uri"], reason=row["error"], created_at=now)
+            continue
+        if row["mask_error"]:
+            errors[("mask", "", row["image_id"])] = dict(
+                stage="mask", backbone="", image_id=row["image_id"], dataset=row["dataset"],
+                uri=row["mask_uri"] or row["image_uri"], reason=row["mask_error"], created_at=now)
+        images[row["image_id"]] = {k: row[k] for k in (*RECORD_COLUMNS, "width", "height")}

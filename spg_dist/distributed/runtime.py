@@ -1,0 +1,37 @@
+"""Connecting to Ray the way each entry point needs: a local cluster, ``--address``, or a submitted job."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import ray
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
+    """Join the cluster named by ``address``/``RAY_ADDRESS`` (as ``ray job submit`` sets), else start one locally.
+
+    A local cluster gets an explicit ``num_cpus`` so Ray never oversubscribes a small machine.
+    """
+    if ray.is_initialized():
+        return
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=not quiet) if quiet else {}
+    address = address or os.environ.get("RAY_ADDRESS")
+    with warnings.catch_warnings():
+        # Ray starts its daemons with fork+exec; lance/lancedb warn about fork although nothing of theirs is shared.
+        warnings.filterwarnings("ignore", message=".*fork.*")
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            # "local": a fresh cluster even if another one runs here (ray.init() alone would join that one)
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **kwargs)
+    if quiet:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own tqdm bar counts images; Ray's per-operator bars are noise here
+    ctx.execution_options.preserve_order = False
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0.0))
