@@ -38,7 +38,8 @@ class ExtractResult:
     rows_written: int
     errors: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-    token_bytes: int = 0
+    token_bytes: int = 0  # fp16 token bytes written
+    write_seconds: float = 0.0  # summed over fragment writers (they run in parallel)
 
     @property
     def images_per_s(self) -> float:
@@ -155,6 +156,7 @@ def _collect(batch: pa.Table, bid: str, pending: list[str], images: dict, errors
             info = json.loads(extra)
             pending.extend(info["fragments"])
             result.token_bytes += info["bytes"]
+            result.write_seconds += info["seconds"]
     for row in batch.select([*PASS_COLUMNS, "written"]).to_pylist():
         if row["error"]:
             errors[(row["error_stage"], bid, row["image_id"])] = dict(

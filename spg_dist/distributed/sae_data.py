@@ -1,0 +1,113 @@
+"""How stored tokens reach the SAE trainer (DESIGN.md): a worker's shard held in (device) memory when it fits,
+streamed through Ray Data with a local shuffle buffer when it does not.
+
+Shards are assigned by a stable hash of ``image_id``, so every worker sees whole images and the same images
+on every run and every resume.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from spg_dist.store import Store, where_clause
+
+
+class NoTokensError(LookupError):
+    """No stored tokens match the requested backbone/layer/filter; the message says what the store does hold."""
+
+
+@dataclass(frozen=True)
+class TokenFilter:
+    backbone: str
+    layer: int
+    dataset: tuple[str, ...] | None = None
+    category: tuple[str, ...] | None = None
+    split: str | None = None
+
+    def where(self) -> str:
+        return where_clause(backbone=self.backbone, layer=self.layer,
+                            dataset=list(self.dataset) if self.dataset else None,
+                            category=list(self.category) if self.category else None, split=self.split) or "true"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backbone": self.backbone, "layer": self.layer, "dataset": list(self.dataset or []),
+                "category": list(self.category or []), "split": self.split}
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    images: int
+    tokens: int
+    dim: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens * self.dim * 2
+
+
+def token_stats(store: Store, flt: TokenFilter) -> TokenStats:
+    """Counts from the metadata columns only (no token bytes read); raises NoTokensError when nothing matches."""
+    tbl = store.read("patch_tokens", where=flt.where(), columns=["grid_h", "grid_w", "dim"])
+    if tbl.num_rows == 0:
+        have = store.read("patch_tokens", columns=["backbone", "layer"])
+        pairs = sorted(set(zip(have.column("backbone").to_pylist(), have.column("layer").to_pylist())))
+        raise NoTokensError(f"no patch_tokens in {store.uri} for {flt.where()}; the store holds "
+                            f"{', '.join(f'{b} layer {l}' for b, l in pairs) or 'no tokens'} (run `spg extract` first)")
+    dims = set(tbl.column("dim").to_pylist())
+    if len(dims) != 1:
+        raise NoTokensError(f"tokens for {flt.where()} have several dims {sorted(dims)}; filter further")
+    n = int(np.sum(np.asarray(tbl.column("grid_h")) * np.asarray(tbl.column("grid_w"), dtype=np.int64)))
+    return TokenStats(tbl.num_rows, n, dims.pop())
+
+
+def owner(image_id: str, world: int) -> int:
+    return zlib.crc32(image_id.encode()) % world
+
+
+def load_shard(store: Store, flt: TokenFilter, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This worker's tokens as one fp16 [N, d] tensor (whole images, assigned by ``owner``)."""
+    ds = store.table("patch_tokens").to_lance()
+    parts = []
+    for batch in ds.to_batches(columns=["image_id", "tokens", "dim"], filter=flt.where(), batch_size=256):
+        ids = batch.column("image_id").to_pylist()
+        keep = np.array([owner(i, world) == rank for i in ids])
+        if not keep.any():
+            continue
+        import pyarrow as pa
+
+        sub = batch.filter(pa.array(keep))
+        d = int(sub.column("dim")[0].as_py())
+        parts.append(sub.column("tokens").flatten().to_numpy(zero_copy_only=False).reshape(-1, d))
+    if not parts:
+        return torch.zeros((0, 0), dtype=torch.float16)
+    return torch.from_numpy(np.concatenate(parts))
+
+
+def memory_batches(tokens: torch.Tensor, batch_tokens: int, epoch: int, seed: int, start: int = 0
+                   ) -> Iterator[torch.Tensor]:
+    """Seeded shuffle per epoch, on the tokens' device; ``start`` skips batches already done (exact resume)."""
+    g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(tokens.shape[0], generator=g).to(tokens.device)
+    for b in range(start, tokens.shape[0] // batch_tokens):
+        yield tokens[order[b * batch_tokens:(b + 1) * batch_tokens]]
+
+
+def stream_dataset(store: Store, flt: TokenFilter):
+    """A Ray Dataset of single tokens {"x": fp16[d]} read from the store (for shards larger than memory)."""
+    import lance_ray
+
+    def explode(batch):
+        import pyarrow as pa  # noqa: F401
+
+        d = int(batch["dim"][0])
+        flat = np.concatenate([np.asarray(t, dtype=np.float16) for t in batch["tokens"]])
+        return {"x": flat.reshape(-1, d)}
+
+    ds = lance_ray.read_lance(store.lance_uri("patch_tokens"), columns=["tokens", "dim"], filter=flt.where(),
+                              storage_options=store.storage_options)
+    return ds.map_batches(explode, batch_format="numpy", batch_size=16)

@@ -1,0 +1,337 @@
+"""Stage 1 on Ray Train: several TopK SAEs fitted in one pass over the stored tokens, data-parallel (DDP).
+
+One ``TorchTrainer`` run trains a whole (C, k, sparsifier) grid on the same batches. Workers read their shard
+of ``patch_tokens`` straight from the store (held in device memory when it fits) or get a streaming split of a
+Ray Dataset with a local shuffle buffer (when it does not). Every ``checkpoint_every`` steps rank 0 writes the
+full training state (safetensors weights, optimizer and tracker tensors, the data position) as a Ray Train
+checkpoint; a run started again with the same name and storage path resumes from the latest one. A non-finite
+loss stops the run before the optimizer touches the weights, so the last checkpoint stays the last good state.
+Finished SAEs are registered in ``sae_models``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from spg_dist.distributed.sae_data import (NoTokensError, TokenFilter, load_shard, memory_batches, owner,
+                                           stream_dataset, token_stats)
+from spg_dist.sae import (MultiSAETrainer, NonFiniteLossError, Preprocessing, SAEConfig, SAEConfigError,
+                          TrainConfig)
+from spg_dist.sae.checkpoint import load_checkpoint, save_checkpoint
+from spg_dist.store import Store
+
+POSITION_FILE = "position.json"
+NONFINITE_FILE = "nonfinite.json"
+
+
+@dataclass
+class SAERunSpec:
+    """Everything that defines a training run; its hash names the run, so re-running the same command resumes."""
+
+    store: str
+    backbone: str
+    layer: int
+    configs: list[dict]
+    train: dict
+    preprocessing: dict
+    filter: dict
+    epochs: float | None = 1.0
+    token_budget: int | None = None
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    data_mode: str = "auto"  # auto | memory | stream
+    checkpoint_every: int = 200
+    log_every: int = 50
+    extra: dict = field(default_factory=dict)
+
+    def run_name(self) -> str:
+        key = {k: v for k, v in asdict(self).items() if k not in ("workers", "use_gpu", "cpus_per_worker", "extra",
+                                                                   "log_every")}
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+        return f"sae-{self.backbone.replace('/', '_').replace('@', '_')}-L{self.layer}-{digest}"
+
+
+def parse_grid(Cs: Sequence[int], ks: Sequence[int], sparsifiers: Sequence[str], d: int, **common: Any) -> list[SAEConfig]:
+    """The (C, k, sparsifier) grid as validated SAE configs; one bad cell fails the whole request up front."""
+    out = []
+    for sp in sparsifiers:
+        for C in Cs:
+            for k in ks:
+                cfg = SAEConfig(d=d, C=int(C), k=int(k), sparsifier=sp, **common)
+                cfg.validate()
+                out.append(cfg)
+    return out
+
+
+def _steps(spec: SAERunSpec, per_worker_tokens: list[int], batch_tokens: int) -> tuple[int, int]:
+    """(steps per epoch, total steps): every worker runs the same number of steps (DDP needs it)."""
+    per_worker_batch = max(1, batch_tokens // spec.workers)
+    steps_per_epoch = min(per_worker_tokens) // per_worker_batch
+    if steps_per_epoch == 0:
+        raise NoTokensError(f"too few tokens for one batch: {min(per_worker_tokens)} tokens on the smallest worker, "
+                            f"batch {per_worker_batch} per worker; lower --batch-tokens or use fewer workers")
+    if spec.token_budget:
+        total = max(1, -(-spec.token_budget // batch_tokens))
+    else:
+        total = max(1, int(round(steps_per_epoch * (spec.epochs or 1.0))))
+    return steps_per_epoch, total
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+    store = Store(config["store"])
+    flt = TokenFilter(**{k: (tuple(v) if isinstance(v, list) and v else (v or None)) for k, v in config["filter"].items()})
+    train_cfg = TrainConfig.from_dict(config["train"])
+    configs = [SAEConfig.from_dict(c) for c in config["configs"]]
+    trainer = MultiSAETrainer(configs, train_cfg, Preprocessing.from_dict(config["preprocessing"]), device=device)
+    per_worker_batch = max(1, train_cfg.batch_tokens // world)
+    steps_per_epoch, total = config["steps_per_epoch"], config["total_steps"]
+
+    if config["data_mode"] == "memory":
+        tokens = load_shard(store, flt, rank, world).to(device)
+    else:
+        tokens = None
+        shard = ray.train.get_dataset_shard("train")
+
+    position = {"epoch": 0, "batch": 0, "step": 0}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            load_checkpoint(trainer, d)
+            position = json.loads(open(os.path.join(d, POSITION_FILE)).read())
+        position["resumed_from"] = position["step"]
+        if rank == 0:
+            print(f"[spg] resumed {config['run_name']} from step {position['step']}", flush=True)
+    else:
+        sample = tokens[: 65536] if tokens is not None else next(iter(shard.iter_torch_batches(
+            batch_size=min(65536, per_worker_batch * 4), dtypes=torch.float32)))["x"]
+        trainer.init_from_sample(sample.to(device).float())
+
+    wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None
+    trainer.wrap(wrap)
+    fired_reduce = None
+    if world > 1:
+        def fired_reduce(mask):
+            m = mask.to(torch.int32)
+            dist.all_reduce(m, op=dist.ReduceOp.MAX)
+            return m.bool()
+
+    history: list[dict] = position.get("history", [])
+    step, t0, resumed_from = position["step"], time.perf_counter(), position.get("resumed_from", 0)
+
+    def checkpoint(metrics: dict, final: bool = False) -> None:
+        pos = {"epoch": epoch, "batch": batch_idx, "step": step, "history": history, "final": final,
+               "resumed_from": resumed_from}
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                save_checkpoint(trainer, d)
+                with open(os.path.join(d, POSITION_FILE), "w") as f:
+                    json.dump(pos, f)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+    epoch, batch_idx = position["epoch"], position["batch"]
+    last: list[dict] = []
+    try:
+        while step < total:
+            if tokens is not None:
+                batches = memory_batches(tokens, per_worker_batch, epoch, train_cfg.seed + rank, start=batch_idx)
+            else:
+                it = shard.iter_torch_batches(batch_size=per_worker_batch, dtypes=torch.float16, drop_last=True,
+                                              local_shuffle_buffer_size=config["shuffle_buffer"],
+                                              local_shuffle_seed=train_cfg.seed + rank + epoch)
+                batches = (b["x"] for i, b in enumerate(it) if i >= batch_idx)
+            for x in batches:
+                if batch_idx >= steps_per_epoch or step >= total:
+                    break
+                last = trainer.step(x.to(device, non_blocking=True).float(), fired_reduce=fired_reduce,
+                                    world_size=world)
+                step, batch_idx = step + 1, batch_idx + 1
+                if step % config["log_every"] == 0 or step == total:
+                    summary = {"step": step, "tokens": step * train_cfg.batch_tokens,
+                               "tokens_per_s": step * train_cfg.batch_tokens / max(time.perf_counter() - t0, 1e-9),
+                               "saes": last}
+                    history.append(summary)
+                    if rank == 0:
+                        print("[spg] step {}/{} ".format(step, total) + " | ".join(
+                            f"{c.name}: nmse {m['nmse']:.3f} L0 {m['l0']:.1f} dead {100 * m['dead_fraction']:.1f}%"
+                            for c, m in zip(configs, last)), flush=True)
+                if step % config["checkpoint_every"] == 0 and step < total:
+                    checkpoint({"step": step})
+            else:
+                epoch, batch_idx = epoch + 1, 0
+                continue
+            if batch_idx >= steps_per_epoch:
+                epoch, batch_idx = epoch + 1, 0
+    except NonFiniteLossError as e:
+        if rank == 0:
+            with open(os.path.join(config["run_dir"], NONFINITE_FILE), "w") as f:
+                json.dump({"message": str(e), "step": step}, f)
+        return
+    checkpoint({"step": step, "done": True}, final=True)
+
+
+def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequence[int] = (4096,),
+               ks: Sequence[int] = (32,), sparsifiers: Sequence[str] = ("topk",), dataset: Sequence[str] | None = None,
+               categories: Sequence[str] | None = None, split: str | None = "train", epochs: float | None = 1.0,
+               token_budget: int | None = None, lr: float = 1e-3, batch_tokens: int = 4096, workers: int = 1,
+               use_gpu: bool = False, cpus_per_worker: float = 1.0, data_mode: str = "auto",
+               auxk: bool = True, k_aux: int | None = None, dead_tokens: int | None = None,
+               input_scaling: str = "none", checkpoint_every: int = 200, log_every: int = 50, seed: int = 0,
+               run_name: str | None = None, storage_path: str | None = None, max_failures: int = 0,
+               shuffle_buffer: int = 65536, address: str | None = None, num_cpus: int | None = None) -> list[dict]:
+    """Train the (C, k, sparsifier) grid on stored tokens and register every SAE in ``sae_models``.
+
+    ``layer`` -1 means the deepest layer stored for ``backbone``. ``dead_tokens`` None scales the 10 M default
+    down to a tenth of the training tokens on small data. Returns the registered rows (without weights).
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from spg_dist.distributed.runtime import ensure_ray
+
+    store = store if isinstance(store, Store) else Store(store)
+    layer = _resolve_stored_layer(store, backbone, layer)
+    flt = TokenFilter(backbone, layer, tuple(dataset) if dataset else None, tuple(categories) if categories else None,
+                      split)
+    stats = token_stats(store, flt)
+    ids = store.read("patch_tokens", where=flt.where(), columns=["image_id", "grid_h", "grid_w"])
+    per_image = [h * w for h, w in zip(ids.column("grid_h").to_pylist(), ids.column("grid_w").to_pylist())]
+    per_worker = [0] * workers
+    for image_id, n in zip(ids.column("image_id").to_pylist(), per_image):
+        per_worker[owner(image_id, workers)] += n
+    if data_mode == "auto":
+        data_mode = "memory" if stats.nbytes / workers < _memory_budget(use_gpu) else "stream"
+    if data_mode not in ("memory", "stream"):
+        raise ValueError(f"data_mode must be auto, memory or stream, not {data_mode!r}")
+    if data_mode == "stream":
+        per_worker = [stats.tokens // workers] * workers
+
+    total_tokens = stats.tokens * (epochs or 1.0) if not token_budget else token_budget
+    if dead_tokens is None:
+        dead_tokens = int(min(10_000_000, max(batch_tokens, total_tokens // 10)))
+    common = dict(auxk=auxk, k_aux=k_aux, dead_tokens=dead_tokens)
+    configs = parse_grid(Cs, ks, sparsifiers, stats.dim, **{k: v for k, v in common.items() if v is not None})
+    train_cfg = TrainConfig(lr=lr, batch_tokens=batch_tokens, seed=seed)
+    pre = Preprocessing()
+    if input_scaling != "none":
+        import torch
+
+        sample = load_shard(store, flt, 0, max(1, stats.images // 64))[:65536].float()
+        pre = Preprocessing.fit(torch.as_tensor(sample), mode=input_scaling)
+    spec = SAERunSpec(store.uri, backbone, layer, [c.to_dict() for c in configs], train_cfg.to_dict(), pre.to_dict(),
+                      flt.to_dict(), epochs, token_budget, workers, use_gpu, cpus_per_worker, data_mode,
+                      checkpoint_every, log_every)
+    name = run_name or spec.run_name()
+    storage = storage_path or _default_storage(store)
+    run_dir = os.path.join(storage, name)
+    os.makedirs(run_dir, exist_ok=True)
+    nonfinite = os.path.join(run_dir, NONFINITE_FILE)
+    if os.path.exists(nonfinite):
+        os.remove(nonfinite)
+    steps_per_epoch, total = _steps(spec, per_worker, batch_tokens)
+
+    ensure_ray(address, num_cpus)
+    loop_config = dict(asdict(spec), run_name=name, run_dir=run_dir, steps_per_epoch=steps_per_epoch,
+                       total_steps=total, shuffle_buffer=shuffle_buffer)
+    datasets = {"train": stream_dataset(store, flt)} if data_mode == "stream" else None
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_config, datasets=datasets,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                               resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage,
+                                       failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"))
+    result = trainer.fit()
+    if os.path.exists(nonfinite):
+        info = json.loads(open(nonfinite).read())
+        latest = result.checkpoint.path if result.checkpoint else "none (no step finished before it)"
+        raise NonFiniteLossError(f"{info['message']}; run stopped, last good checkpoint kept: {latest}")
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name} produced no checkpoint")
+    return register(store, result.checkpoint, spec, name, run_dir, total)
+
+
+def register(store: Store, checkpoint, spec: SAERunSpec, run: str, run_dir: str, total_steps: int) -> list[dict]:
+    """Write one ``sae_models`` row per SAE of the final checkpoint (weights as safetensors bytes)."""
+    import datetime as dt
+
+    import torch
+
+    from spg_dist.sae.metrics import firing_frequency_histogram_png
+
+    trainer = MultiSAETrainer([SAEConfig.from_dict(c) for c in spec.configs], TrainConfig.from_dict(spec.train),
+                              Preprocessing.from_dict(spec.preprocessing), device=torch.device("cpu"))
+    with checkpoint.as_directory() as d:
+        load_checkpoint(trainer, d)
+        position = json.loads(open(os.path.join(d, POSITION_FILE)).read())
+    if position["step"] != total_steps:
+        raise RuntimeError(f"run {run} stopped at step {position['step']} of {total_steps}")
+    history = position.get("history", [])
+    rows = []
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    for i, (cfg, sae) in enumerate(zip(trainer.configs, trainer.saes)):
+        final = history[-1]["saes"][i] if history else {}
+        tracker = trainer.trackers[i]
+        tokens_seen = int(position["step"] * trainer.train.batch_tokens)
+        rows.append(dict(
+            sae_id=f"{spec.backbone}/L{spec.layer}/{cfg.name}/{run}", backbone=spec.backbone, layer=spec.layer,
+            d=cfg.d, C=cfg.C, k=cfg.k, sparsifier=cfg.sparsifier, run=run,
+            config=json.dumps({"sae": cfg.to_dict(), "preprocessing": sae.preprocessing.to_dict(),
+                               "train": spec.train, "filter": spec.filter, "data_mode": spec.data_mode,
+                               "workers": spec.workers, "epochs": spec.epochs, "token_budget": spec.token_budget,
+                               "resumed_from_step": position.get("resumed_from", 0)}),
+            metrics=json.dumps({"final": final, "curve": [{"step": h["step"], **h["saes"][i]} for h in history]}),
+            nmse=float(final.get("nmse", float("nan"))), explained_variance=float(final.get("explained_variance", float("nan"))),
+            l0=float(final.get("l0", float("nan"))), dead_fraction=float(tracker.dead_fraction(cfg.dead_tokens)),
+            steps=int(position["step"]), tokens_seen=tokens_seen, weights=sae.to_bytes(),
+            firing_histogram_png=firing_frequency_histogram_png(tracker.fire_counts, tracker.tokens_observed),
+            run_dir=run_dir, created_at=now))
+    store.upsert("sae_models", rows)
+    return [{k: v for k, v in r.items() if k not in ("weights", "firing_histogram_png")} for r in rows]
+
+
+def _resolve_stored_layer(store: Store, backbone: str, layer: int) -> int:
+    if layer >= 0:
+        return layer
+    tbl = store.read("patch_tokens", where=f"backbone = '{backbone}'", columns=["layer"])
+    layers = sorted(set(tbl.column("layer").to_pylist()))
+    if not layers:
+        have = sorted(set(store.read("patch_tokens", columns=["backbone"]).column("backbone").to_pylist()))
+        raise NoTokensError(f"no patch_tokens for backbone {backbone!r} in {store.uri}; stored backbones: "
+                            f"{', '.join(have) or 'none'} (run `spg extract` first)")
+    return layers[layer]
+
+
+def _memory_budget(use_gpu: bool) -> float:
+    """Bytes of fp16 tokens one worker may hold: a third of the GPU, or an eighth of this machine's RAM."""
+    import torch
+
+    if use_gpu and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 3
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 8
+
+
+def _default_storage(store: Store) -> str:
+    return f"{store.uri.rstrip('/')}/_runs"
+
+
+__all__ = ["train_saes", "SAERunSpec", "NoTokensError", "SAEConfigError"]

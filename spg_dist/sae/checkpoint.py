@@ -1,0 +1,86 @@
+"""Trainer checkpoints as a folder of safetensors files plus one JSON file (no pickle anywhere).
+
+Layout of ``<dir>``::
+
+    sae_000.safetensors ...   one per SAE, the exact format of TopKSAE.save (weights + config + preprocessing),
+                              so a checkpoint's models can be registered or loaded without the trainer
+    state.safetensors         optimizer moments and step counts, dead-latent trackers, generator state
+    trainer.json              configs, TrainConfig, preprocessing, counters, optimizer hyperparameters, file list
+
+Every file is written atomically and ``trainer.json`` last: it is the commit marker, a folder without it is
+an incomplete checkpoint. Loading validates configs before touching any tensor, and raises
+:class:`~spg_dist.sae.config.SAEConfigError` naming the difference when the checkpoint belongs to other SAEs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from spg_dist.sae import serialization
+from spg_dist.sae.config import SAEConfigError, config_diff
+from spg_dist.sae.model import TopKSAE
+
+if TYPE_CHECKING:
+    from spg_dist.sae.trainer import MultiSAETrainer
+
+TRAINER_JSON = "trainer.json"
+STATE_FILE = "state.safetensors"
+
+
+def sae_file(i: int) -> str:
+    return f"sae_{i:03d}.safetensors"
+
+
+def save_checkpoint(trainer: "MultiSAETrainer", directory: str | os.PathLike) -> Path:
+    """Write ``trainer.state_dict()`` into ``directory`` (created if needed); returns the folder."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = trainer.state_dict()
+    meta, tensors = state["meta"], state["tensors"]
+    files = []
+    for i, sae in enumerate(trainer.saes):
+        sae.save(directory / sae_file(i))
+        files.append(sae_file(i))
+    rest = {name: t for name, t in tensors.items() if not name.startswith("sae.")}
+    serialization.save_file(directory / STATE_FILE, rest, {"format": meta["format"]})
+    serialization.write_json(directory / TRAINER_JSON, {**meta, "files": {"saes": files, "state": STATE_FILE}})
+    return directory
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's JSON (configs, counters, ...) without reading tensors."""
+    path = Path(directory) / TRAINER_JSON
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: no {TRAINER_JSON} (not a checkpoint, or an incomplete one)")
+    return json.loads(path.read_text())
+
+
+def read_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
+    """``{"meta", "tensors"}`` as produced by ``MultiSAETrainer.state_dict`` (tensors on CPU)."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    tensors: dict[str, Tensor] = {}
+    state_tensors, _ = serialization.load_file(directory / meta["files"]["state"])
+    tensors.update(state_tensors)
+    for i, name in enumerate(meta["files"]["saes"]):
+        sae_tensors, sae_meta = serialization.load_file(directory / name)
+        if diff := config_diff(meta["configs"][i], sae_meta.get("config", {})):
+            raise SAEConfigError(f"{directory / name}: model file does not match trainer.json SAE {i}: {'; '.join(diff)}")
+        tensors.update({f"sae.{i}.{k}": v for k, v in sae_tensors.items()})
+    return {"meta": meta, "tensors": tensors}
+
+
+def load_checkpoint(trainer: "MultiSAETrainer", directory: str | os.PathLike) -> None:
+    """Restore ``trainer`` from ``directory``; configs are checked (from the JSON alone) before tensors load."""
+    trainer.check_compatible(read_meta(directory))
+    trainer.load_state_dict(read_checkpoint(directory))
+
+
+def load_sae(directory: str | os.PathLike, i: int, device: str | None = None) -> TopKSAE:
+    """SAE ``i`` of a checkpoint as a standalone model."""
+    return TopKSAE.load(Path(directory) / read_meta(directory)["files"]["saes"][i], device=device)

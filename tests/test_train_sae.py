@@ -1,0 +1,135 @@
+"""Stage 1 on Ray Train: a (C, k) grid in one pass, DDP over two workers, streamed data, checkpoints that a
+killed run resumes from, registration in sae_models, and the bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from spg_dist.distributed.sae_data import NoTokensError
+from spg_dist.distributed.train_sae import train_saes
+from spg_dist.sae import NonFiniteLossError, SAEConfigError, TopKSAE
+from spg_dist.store import Store, load_schema, tokens_to_arrow, write_fragment
+from spg_dist.store.sae_models import sae_row
+
+pytestmark = pytest.mark.ray
+D = 16
+
+
+def make_token_store(path, n_images=64, grid=4, d=D, seed=0, nan_image=None, backbone="bb", layer=3):
+    """Tokens with sparse structure (a few of 48 directions per token), so a small SAE has something to learn."""
+    rng = np.random.default_rng(seed)
+    atoms = rng.standard_normal((48, d))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    n_tok = n_images * grid * grid
+    z = np.zeros((n_tok, 48))
+    for i in range(n_tok):
+        z[i, rng.choice(48, 3, replace=False)] = rng.uniform(0.5, 2.0, 3)
+    toks = (z @ atoms + 0.01 * rng.standard_normal((n_tok, d))).reshape(n_images, grid, grid, d)
+    if nan_image is not None:
+        toks[nan_image] = np.nan
+    ids = [f"ds/cat{i % 2}/train/good/{i:03d}" for i in range(n_images)]
+    meta = dict(backbone=[backbone] * n_images, layer=[layer] * n_images, image_id=ids, dataset=["ds"] * n_images,
+                category=[f"cat{i % 2}" for i in range(n_images)], split=["train"] * n_images,
+                label=[0] * n_images, image_size=[64] * n_images)
+    store = Store(path)
+    store.commit_fragments("patch_tokens", write_fragment(store.lance_uri("patch_tokens"),
+                                                          tokens_to_arrow(meta, toks, "random-init"),
+                                                          load_schema("patch_tokens")))
+    return store
+
+
+@pytest.fixture(scope="module")
+def token_store(tmp_path_factory):
+    return make_token_store(tmp_path_factory.mktemp("tok") / "store")
+
+
+def test_grid_in_one_pass_registers_every_sae(ray_cluster, token_store):
+    rows = train_saes(token_store, "bb", Cs=[32, 64], ks=[2, 4], batch_tokens=128, epochs=2, log_every=4,
+                      checkpoint_every=8, run_name="grid")
+    assert sorted((r["C"], r["k"]) for r in rows) == [(32, 2), (32, 4), (64, 2), (64, 4)]
+    assert len({r["steps"] for r in rows}) == 1 and rows[0]["steps"] == 2 * (64 * 16 // 128)
+    for r in rows:
+        full = sae_row(token_store, r["sae_id"])
+        sae = TopKSAE.from_bytes(full["weights"])
+        assert (sae.cfg.C, sae.cfg.k) == (full["C"], full["k"])
+        norms = sae.W_dec.norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-4, rtol=0)
+        assert 0 < full["nmse"] < 1.0 and full["l0"] <= full["k"] + 1e-6
+        assert full["firing_histogram_png"][:8] == b"\x89PNG\r\n\x1a\n"
+        curve = json.loads(full["metrics"])["curve"]
+        assert curve[-1]["step"] == full["steps"] and curve[0]["nmse"] > curve[-1]["nmse"]
+
+
+def test_two_workers_ddp_and_streamed_data(ray_cluster, token_store):
+    rows = train_saes(token_store, "bb", Cs=[32], ks=[4], batch_tokens=128, epochs=1, workers=2,
+                      cpus_per_worker=0.5, run_name="ddp")
+    assert rows[0]["steps"] == min(_per_worker_tokens(token_store, 2)) // 64
+    streamed = train_saes(token_store, "bb", Cs=[32], ks=[4], batch_tokens=128, epochs=1, data_mode="stream",
+                          cpus_per_worker=0.5, run_name="stream")
+    assert streamed[0]["steps"] == 64 * 16 // 128
+    assert json.loads(sae_row(token_store, streamed[0]["sae_id"])["config"])["data_mode"] == "stream"
+
+
+def test_bad_inputs_fail_before_training(ray_cluster, token_store):
+    with pytest.raises(SAEConfigError, match="k"):
+        train_saes(token_store, "bb", Cs=[8], ks=[8])
+    with pytest.raises(SAEConfigError):
+        train_saes(token_store, "bb", Cs=[8], ks=[0])
+    with pytest.raises(NoTokensError, match="stored backbones: bb"):
+        train_saes(token_store, "other-backbone", Cs=[32], ks=[4])
+    with pytest.raises(NoTokensError, match="bb layer 3"):
+        train_saes(token_store, "bb", layer=7, Cs=[32], ks=[4])
+
+
+def test_nonfinite_loss_stops_with_last_good_checkpoint(ray_cluster, tmp_path):
+    store = make_token_store(tmp_path / "s", n_images=16, nan_image=15)
+    with pytest.raises(NonFiniteLossError, match="checkpoint"):
+        train_saes(store, "bb", Cs=[32], ks=[4], batch_tokens=16, epochs=1, checkpoint_every=2, run_name="nan")
+    assert store.count("sae_models") == 0
+
+
+RESUME_SCRIPT = """
+import sys
+from spg_dist.distributed.train_sae import train_saes
+train_saes(sys.argv[1], "bb", Cs=[32], ks=[4], batch_tokens=32, epochs=3, checkpoint_every=4, log_every=4,
+           run_name="resume", num_cpus=2)
+"""
+
+
+def test_killed_run_resumes_from_its_checkpoint(ray_cluster, tmp_path):
+    store = make_token_store(tmp_path / "s")
+    runs = os.path.join(store.uri, "_runs", "resume")
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, store.uri], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while time.time() < deadline and not any(n.startswith("checkpoint") for n in _listdir(runs)):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any(n.startswith("checkpoint") for n in _listdir(runs)), "no checkpoint written before the kill"
+    rows = train_saes(store, "bb", Cs=[32], ks=[4], batch_tokens=32, epochs=3, checkpoint_every=4, log_every=4,
+                      run_name="resume")
+    full = json.loads(sae_row(store, rows[0]["sae_id"])["config"])
+    assert rows[0]["steps"] == 3 * (64 * 16 // 32)
+    assert full["resumed_from_step"] > 0
+
+
+def _per_worker_tokens(store, world):
+    from spg_dist.distributed.sae_data import owner
+
+    ids = store.read("patch_tokens", columns=["image_id"]).column("image_id").to_pylist()
+    return [16 * sum(owner(i, world) == r for i in ids) for r in range(world)]
+
+
+def _listdir(path):
+    return os.listdir(path) if os.path.isdir(path) else []
