@@ -57,9 +57,11 @@ def head_node(tmp_path):
     yield url, env
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        pass
+    os.killpg(proc.pid, signal.SIGKILL)  # whatever of the head's group is still up
+    proc.wait()
 
 
 def test_ray_job_submit_extract(head_node, synth_mvtec, tmp_path):

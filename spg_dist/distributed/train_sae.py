@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -163,6 +164,8 @@ def train_loop(config: dict) -> None:
                 last = trainer.step(x.to(device, non_blocking=True).float(), fired_reduce=fired_reduce,
                                     world_size=world)
                 step, batch_idx = step + 1, batch_idx + 1
+                if step == config.get("fault_at_step") and rank == 0:
+                    _inject_fault_once(config["run_dir"])
                 if step % config["log_every"] == 0 or step == total:
                     summary = {"step": step, "tokens": step * train_cfg.batch_tokens,
                                "tokens_per_s": step * train_cfg.batch_tokens / max(time.perf_counter() - t0, 1e-9),
@@ -187,6 +190,14 @@ def train_loop(config: dict) -> None:
     checkpoint({"step": step, "done": True}, final=True)
 
 
+def _inject_fault_once(run_dir: str) -> None:
+    """Fault injection for tests: SIGKILL this worker, as a lost node would, once per run."""
+    marker = os.path.join(run_dir, ".fault_injected")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequence[int] = (4096,),
                ks: Sequence[int] = (32,), sparsifiers: Sequence[str] = ("topk",), dataset: Sequence[str] | None = None,
                categories: Sequence[str] | None = None, split: str | None = "train", epochs: float | None = 1.0,
@@ -195,7 +206,8 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
                auxk: bool = True, k_aux: int | None = None, dead_tokens: int | None = None,
                input_scaling: str = "none", checkpoint_every: int = 200, log_every: int = 50, seed: int = 0,
                run_name: str | None = None, storage_path: str | None = None, max_failures: int = 0,
-               shuffle_buffer: int = 65536, address: str | None = None, num_cpus: int | None = None) -> list[dict]:
+               shuffle_buffer: int = 65536, address: str | None = None, num_cpus: int | None = None,
+               _fault_at_step: int | None = None) -> list[dict]:
     """Train the (C, k, sparsifier) grid on stored tokens and register every SAE in ``sae_models``.
 
     ``layer`` -1 means the deepest layer stored for ``backbone``. ``dead_tokens`` None scales the 10 M default
@@ -250,7 +262,7 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
 
     ensure_ray(address, num_cpus)
     loop_config = dict(asdict(spec), run_name=name, run_dir=run_dir, steps_per_epoch=steps_per_epoch,
-                       total_steps=total, shuffle_buffer=shuffle_buffer)
+                       total_steps=total, shuffle_buffer=shuffle_buffer, fault_at_step=_fault_at_step)
     datasets = {"train": stream_dataset(store, flt)} if data_mode == "stream" else None
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config, datasets=datasets,
