@@ -358,27 +358,19 @@ def store_cmd(store: str) -> None:
               help="Folder for the synthetic datasets, the store and the reports.")
 @click.option("--backbone", default="tiny-dinov3", show_default=True, help="Backbone registry name.")
 @click.option("--weights", default=None, help="Local weights for the backbone.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic datasets.")
+@click.option("-C", "--latents", "C", type=int, default=1024, show_default=True, help="SAE dictionary size.")
+@click.option("-k", "--k", "k", type=int, default=16, show_default=True, help="SAE active latents per token.")
+@click.option("--epochs", type=float, default=5.0, show_default=True, help="SAE training epochs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic datasets and training.")
 @click.option("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all).")
-def demo_cmd(store, out, backbone, weights, seed, num_cpus) -> None:
+def demo_cmd(store, out, backbone, weights, C, k, epochs, seed, num_cpus) -> None:
     """The pipeline end to end on data it makes itself: synthesise an MVTec-layout and a VisA-layout dataset with
-    disjoint categories, extract both into a local store, and summarise the store. A re-run reuses the store."""
-    from spg_dist.data.synth import synthesize
-    from spg_dist.distributed.extract import extract
-    from spg_dist.store import Store
+    disjoint categories, extract both into a local store, train a TopK SAE on their train-split tokens, encode
+    everything and write atom statistics and galleries. A re-run reuses the store."""
+    from spg_dist.distributed.demo import run_demo
 
-    out_dir = Path(out)
-    s = Store(store or out_dir / "store")
-    for layout in ("mvtec", "visa"):
-        root = out_dir / "data" / f"synth_{layout}"
-        if not (root / ".complete").exists():
-            synthesize(root, layout=layout, seed=seed)
-            (root / ".complete").write_text("ok\n")
-        res = extract(f"{layout}:{root}", backbone, s, weights=weights, num_cpus=num_cpus)
-        click.echo(res.summary())
-    click.echo(f"store {s.uri}: " + ", ".join(f"{t}={s.count(t)}" for t in ("images", "patch_tokens", "errors")))
-    click.echo(f"read it without spg_dist: python -c \"import lancedb; print(lancedb.connect('{s.uri}')"
-               f".open_table('patch_tokens').count_rows())\"")
+    run_demo(out=out, store=store, backbone=backbone, weights=weights, C=C, k=k, epochs=epochs, seed=seed,
+             num_cpus=num_cpus, echo=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

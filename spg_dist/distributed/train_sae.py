@@ -259,6 +259,9 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
     if os.path.exists(nonfinite):
         os.remove(nonfinite)
     steps_per_epoch, total = _steps(spec, per_worker, batch_tokens)
+    done = _registered(store, name, configs, total)
+    if done is not None:  # this exact run finished and was registered: nothing to do
+        return done
 
     ensure_ray(address, num_cpus)
     loop_config = dict(asdict(spec), run_name=name, run_dir=run_dir, steps_per_epoch=steps_per_epoch,
@@ -319,6 +322,16 @@ def register(store: Store, checkpoint, spec: SAERunSpec, run: str, run_dir: str,
             run_dir=run_dir, created_at=now))
     store.upsert("sae_models", rows)
     return [{k: v for k, v in r.items() if k not in ("weights", "firing_histogram_png")} for r in rows]
+
+
+def _registered(store: Store, run: str, configs: list[SAEConfig], total: int) -> list[dict] | None:
+    rows = store.read("sae_models", where=f"run = '{run}'", columns=[
+        "sae_id", "backbone", "layer", "d", "C", "k", "sparsifier", "run", "config", "metrics", "nmse",
+        "explained_variance", "l0", "dead_fraction", "steps", "tokens_seen", "run_dir", "created_at"]).to_pylist()
+    have = {(r["C"], r["k"], r["sparsifier"]) for r in rows if r["steps"] == total}
+    if have >= {(c.C, c.k, c.sparsifier) for c in configs}:
+        return [r for r in rows if (r["C"], r["k"], r["sparsifier"]) in {(c.C, c.k, c.sparsifier) for c in configs}]
+    return None
 
 
 def _resolve_stored_layer(store: Store, backbone: str, layer: int) -> int:

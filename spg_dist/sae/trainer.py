@@ -159,7 +159,8 @@ class MultiSAETrainer:
     @torch.no_grad()
     def init_from_sample(self, x: Tensor, max_tokens: int = 65_536) -> None:
         """Initialise from RAW tokens ``[N, d]`` (the first ``max_tokens`` rows; pass a shuffled sample):
-        fit the preprocessing if none was given, then set every SAE's ``b_pre`` per its ``init_b_pre``.
+        fit the preprocessing if none was given, then set every SAE's ``b_pre`` per its ``init_b_pre`` and
+        its encoder scale (``TopKSAE.init_encoder_scale``).
 
         Every worker must pass the same sample (or the trainer an explicit Preprocessing): the scale is a
         Python float, not a tensor DDP would broadcast.
@@ -179,6 +180,7 @@ class MultiSAETrainer:
                 centres[key] = sae.b_pre.detach().clone()
             else:
                 sae.b_pre.copy_(centres[key])
+            sae.init_encoder_scale(x[:8192])
         self.initialized = True
 
     def _check_ready(self) -> None:

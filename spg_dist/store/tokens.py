@@ -66,9 +66,11 @@ def tokens_from_arrow(table: pa.Table | pa.RecordBatch) -> np.ndarray:
     if len(shapes) != 1:
         raise ValueError(f"rows have different token grids {sorted(shapes)}; filter to one backbone and layer")
     col = table.column("tokens")
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    values = col.flatten().to_numpy(zero_copy_only=False)
+    if isinstance(col, pa.ChunkedArray):  # combine_chunks would copy even one chunk
+        parts = [c.flatten().to_numpy(zero_copy_only=False) for c in col.chunks]
+        values = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    else:
+        values = col.flatten().to_numpy(zero_copy_only=False)
     return values.reshape(n, *shapes.pop())
 
 
