@@ -55,6 +55,9 @@ def dense_reference(sae: TopKSAE, x: torch.Tensor, dead_mask: torch.Tensor | Non
         k_aux = min(cfg.k_aux_effective, num_dead)
         avals, aidx = pre.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=1)
         e_hat = torch.zeros_like(pre).scatter(1, aidx, avals.relu()) @ sae.W_dec
+        if cfg.aux_fit_scale:  # least-squares scale onto the residual, treated as a constant
+            r = (x - x_hat).detach()
+            e_hat = e_hat * ((e_hat * r).sum(-1, keepdim=True) / e_hat.pow(2).sum(-1, keepdim=True)).clamp(0, 1).detach()
         aux_sse = (e_hat - (x - x_hat).detach()).pow(2).sum()
         total = loss + cfg.aux_coef * min(num_dead / cfg.k_aux_effective, 1.0) * aux_sse / n
     return z, x_hat, loss, total

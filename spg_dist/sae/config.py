@@ -55,6 +55,7 @@ class SAEConfig:
     auxk: bool = True
     k_aux: int | None = None
     aux_coef: float = 1 / 32
+    aux_fit_scale: bool = True
     dead_tokens: int = 10_000_000
     init_b_pre: str = "geometric_median"
 
