@@ -4,6 +4,7 @@ killed run resumes from, registration in sae_models, and the bad inputs."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -87,6 +88,17 @@ def test_bad_inputs_fail_before_training(ray_cluster, token_store):
         train_saes(token_store, "other-backbone", Cs=[32], ks=[4])
     with pytest.raises(NoTokensError, match="bb layer 3"):
         train_saes(token_store, "bb", layer=7, Cs=[32], ks=[4])
+
+
+def test_checkpoint_of_another_config_is_refused(token_store):
+    """A run directory holding a checkpoint of other SAEs (a reused --run-name) is refused in one line before
+    Ray starts."""
+    from spg_dist.sae import MultiSAETrainer, SAEConfig, TrainConfig
+
+    other = MultiSAETrainer([SAEConfig(d=D, C=64, k=8)], TrainConfig())
+    other.save_checkpoint(os.path.join(token_store.uri, "_runs", "reused", "checkpoint_000000"))
+    with pytest.raises(SAEConfigError, match="another configuration.*C: expected 32, found 64"):
+        train_saes(token_store, "bb", Cs=[32], ks=[4], batch_tokens=128, run_name="reused")
 
 
 def test_nonfinite_loss_stops_with_last_good_checkpoint(ray_cluster, tmp_path):

@@ -262,6 +262,7 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
     done = _registered(store, name, configs, total)
     if done is not None:  # this exact run finished and was registered: nothing to do
         return done
+    _check_resumable(run_dir, configs, train_cfg, pre)
 
     ensure_ray(address, num_cpus)
     loop_config = dict(asdict(spec), run_name=name, run_dir=run_dir, steps_per_epoch=steps_per_epoch,
@@ -322,6 +323,28 @@ def register(store: Store, checkpoint, spec: SAERunSpec, run: str, run_dir: str,
             run_dir=run_dir, created_at=now))
     store.upsert("sae_models", rows)
     return [{k: v for k, v in r.items() if k not in ("weights", "firing_histogram_png")} for r in rows]
+
+
+def _check_resumable(run_dir: str, configs: list[SAEConfig], train_cfg: TrainConfig, pre: Preprocessing) -> None:
+    """A run directory holding checkpoints of other SAEs (e.g. a reused --run-name) fails here, in one line,
+    instead of inside every worker after the cluster has started."""
+    import glob
+
+    from spg_dist.sae import read_meta
+
+    ckpts = sorted(glob.glob(os.path.join(run_dir, "checkpoint_*")), key=os.path.getmtime)
+    if not ckpts:
+        return
+    try:
+        meta = read_meta(ckpts[-1])
+    except FileNotFoundError:
+        return  # an incomplete checkpoint: Ray Train falls back to the previous one
+    probe = MultiSAETrainer(configs, train_cfg, pre)
+    try:
+        probe.check_compatible(meta)
+    except SAEConfigError as e:
+        raise SAEConfigError(f"run {os.path.basename(run_dir)} has checkpoints of another configuration ({e}); "
+                             f"use another --run-name or remove {run_dir}") from None
 
 
 def _registered(store: Store, run: str, configs: list[SAEConfig], total: int) -> list[dict] | None:
