@@ -70,7 +70,12 @@ def test_ray_job_submit_extract(head_node, synth_mvtec, tmp_path):
     cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", url,
            "--working-dir", str(ROOT), "--", "python", "jobs/extract.py", "--dataset", f"mvtec:{synth_mvtec}",
            "--backbone", "tiny-dinov3", "--image-size", "64", "--store", str(store), "--quiet"]
-    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    deadline = time.time() + 60
+    while True:  # the head's job agent can come up seconds after its HTTP server: retry only that refusal
+        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        if out.returncode == 0 or "No available agent" not in out.stdout + out.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "patch_tokens rows written" in out.stdout
     assert Store(store).count("patch_tokens") == len(list_records(f"mvtec:{synth_mvtec}"))

@@ -14,12 +14,13 @@ from typing import Callable
 import torch
 
 from .base import Backbone, BackboneConfig, UnknownBackboneError
+from .classical import CLASSICAL_CONFIGS
 from .tiny import HALF, IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, TINY_CONFIGS
 
 RANDOM_WEIGHTS = "random"  # weights=RANDOM_WEIGHTS: a real architecture with seeded random init (benchmarks)
 RANDOM_SUFFIX = "@random"  # ... and the name such a backbone reports (also accepted by get_config/create_backbone)
 HF_FAMILIES = ("dinov2", "dinov2_registers", "dinov3", "siglip")
-FAMILIES = HF_FAMILIES + ("openclip",)
+FAMILIES = HF_FAMILIES + ("openclip", "classical")  # classical: fixed filter banks, no weights
 
 _SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}  # ViT hidden size, blocks, heads
 
@@ -100,7 +101,7 @@ def register_backbone(config: BackboneConfig, overwrite: bool = False) -> None:
         _ALIASES.setdefault(config.source, config.name)
 
 
-for _cfg in (*_REAL, *TINY_CONFIGS):
+for _cfg in (*_REAL, *CLASSICAL_CONFIGS, *TINY_CONFIGS):
     register_backbone(_cfg)
 
 
@@ -129,6 +130,9 @@ def get_config(name: str) -> BackboneConfig:
 
 
 def _builder(family: str) -> Callable[[BackboneConfig, str | None, torch.device], Backbone]:
+    if family == "classical":
+        from .classical import create_classical_backbone
+        return create_classical_backbone
     if family == "openclip":
         from .openclip import create_openclip_backbone
         return create_openclip_backbone
@@ -173,6 +177,9 @@ def check_weights(name: str, weights: str | None = None) -> None:
     Reads only the checkpoint's config (transformers) or tensor header (open_clip); never the weights.
     """
     config = get_config(name)
+    if config.family == "classical":  # no weights at all: None passes, anything else (even "random") is refused
+        from .classical import check_classical_weights
+        return check_classical_weights(config, weights)
     if weights == RANDOM_WEIGHTS or (config.untrained and weights is None):
         return
     if config.family == "openclip":
