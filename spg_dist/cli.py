@@ -20,10 +20,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from spg_dist.distributed.sae_data import NoTokensError
     from spg_dist.sae import NonFiniteLossError, SAEConfigError
     from spg_dist.store import SchemaError, StoreError
+    from spg_dist.distributed.stage2 import CategoryOverlapError, NoAuxiliaryDataError, NoTargetDataError, \
+        UnknownGuidesError
+    from spg_dist.guides import GuideConfigError
     from spg_dist.store.sae_models import UnknownSAEError
 
     return (DatasetError, UnknownBackboneError, WeightsMismatchError, StoreError, SchemaError, FileNotFoundError,
-            NoTokensError, SAEConfigError, NonFiniteLossError, UnknownSAEError)
+            NoTokensError, SAEConfigError, NonFiniteLossError, UnknownSAEError, CategoryOverlapError,
+            NoAuxiliaryDataError, NoTargetDataError, UnknownGuidesError, GuideConfigError)
 
 
 def _int_list(_ctx, _param, value: str | None) -> list[int] | None:
@@ -327,6 +331,72 @@ def atoms_stats_cmd(store, sae_id, png, csv_path, show) -> None:
         from spg_dist.viz import atom_stats_png
 
         click.echo(f"png: {atom_stats_png(stats, png)}")
+
+
+def train_guides_options(f):
+    """Options of ``spg train-guides``, shared with ``jobs/train_guides.py``."""
+    opts = [
+        click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store URI."),
+        click.option("--sae", "sae_id", required=True, help="sae_id of the frozen SAE (see `spg saes`)."),
+        click.option("--aux", "aux", required=True, callback=_str_list,
+                     help="Auxiliary dataset name(s) with masks (comma-separated), e.g. synth_visa."),
+        click.option("--preset", type=click.Choice(["paper", "classical"]), default="paper", show_default=True,
+                     help="paper: focal+Dice, T=0.07, lr 1e-3; classical: balanced BCE+Dice, T=0.2, lr 1e-2, 150 steps."),
+        click.option("--steps", type=int, default=None, help="Optimizer steps (default: the preset's)."),
+        click.option("--lr", type=float, default=None, help="Adam learning rate (default: the preset's)."),
+        click.option("--temperature", type=float, default=None, help="Softmax temperature T (default: the preset's)."),
+        click.option("--nonneg", type=click.Choice(["relu", "topk"]), default=None, help="Non-negativity of z."),
+        click.option("--k-g", type=int, default=None, help="Coefficients kept with --nonneg topk."),
+        click.option("--mask-size", type=int, default=None, help="Mask resolution for the loss (default grid x 4)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@main.command("train-guides")
+@train_guides_options
+def train_guides_cmd(store, sae_id, aux, preset, steps, lr, temperature, nonneg, k_g, mask_size) -> None:
+    """Stage 2: learn normal/anomaly guides over a frozen SAE's dictionary on an auxiliary dataset with masks, and
+    register them in the guides table (re-running the same settings returns the stored guides)."""
+    import dataclasses
+
+    from spg_dist.distributed.stage2 import train_guides
+    from spg_dist.guides import GuideConfig
+
+    cfg = GuideConfig.preset(preset)
+    overrides = {k: v for k, v in dict(steps=steps, lr=lr, temperature=temperature, nonneg=nonneg, k_g=k_g).items()
+                 if v is not None}
+    row = train_guides(store, sae_id, aux, dataclasses.replace(cfg, **overrides), mask_size=mask_size)
+    click.echo(f"guides {row['guide_id']}: active sets normal {row['active_normal']}, anomaly {row['active_anomaly']}"
+               f" after {row['steps']} steps")
+
+
+def evaluate_options(f):
+    """Options of ``spg evaluate``, shared with ``jobs/evaluate.py``."""
+    opts = [
+        click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store URI."),
+        click.option("--guides", "guide_id", required=True, help="guide_id from `spg train-guides`."),
+        click.option("--target", "target_dataset", required=True, help="Target dataset name (zero-shot)."),
+        click.option("--pooling", default="max", show_default=True, help="Image score: max, mean or lse:TAU."),
+        click.option("--allow-overlap", is_flag=True,
+                     help="Evaluate even if target categories also occur in the auxiliary data (not zero-shot)."),
+        click.option("--run", default=None, help="Run name of the eval_results rows (default: <guides>@<pooling>)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@main.command("evaluate")
+@evaluate_options
+def evaluate_cmd(store, guide_id, target_dataset, pooling, allow_overlap, run) -> None:
+    """Zero-shot evaluation of stored guides on a target dataset: image AUROC/AP, pixel AUROC, AUPRO per category
+    and their mean, written to eval_results."""
+    from spg_dist.distributed.stage2 import evaluate
+
+    table = evaluate(store, guide_id, target_dataset, pooling=pooling, allow_overlap=allow_overlap, run=run)
+    click.echo((100 * table).round(1).to_string())
 
 
 @main.command("backbones")

@@ -24,6 +24,7 @@ class Guides(nn.Module):
         g = torch.Generator().manual_seed(config.seed)
         self.z_bar = nn.Parameter(config.init * (1 + 0.1 * torch.rand(2, C, generator=g)))  # rows: normal, anomaly
         self.register_buffer("z_ema", self.z_bar.detach().clone())
+        self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
 
     def coefficients(self, ema: bool = False) -> Tensor:
         """z̃ [2, C] (normal, anomaly), non-negative."""
@@ -51,7 +52,12 @@ class Guides(nn.Module):
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        self.z_ema.mul_(self.config.ema).add_(self.z_bar.detach(), alpha=1 - self.config.ema)
+        """EMA with the usual warm-up, decay_t = min(decay, (1 + t) / (10 + t)): with a plain 0.999 a 150-step run
+        would still be ~86 % its initial value, so the evaluated guides would not be the learned ones."""
+        t = int(self.ema_steps)
+        decay = min(self.config.ema, (1 + t) / (10 + t))
+        self.z_ema.mul_(decay).add_(self.z_bar.detach(), alpha=1 - decay)
+        self.ema_steps += 1
 
     def active_sets(self, ema: bool = True) -> tuple[int, int]:
         """Sizes of supp(z̃_N), supp(z̃_A)."""
