@@ -426,21 +426,24 @@ def store_cmd(store: str) -> None:
 @click.option("--store", default=None, help="Store URI (default: <out>/store).")
 @click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the synthetic datasets, the store and the reports.")
-@click.option("--backbone", default="tiny-dinov3", show_default=True, help="Backbone registry name.")
+@click.option("--backbone", default="texture-filterbank", show_default=True,
+              help="Backbone registry name (default: the classical filter bank, the honest offline encoder).")
 @click.option("--weights", default=None, help="Local weights for the backbone.")
+@click.option("--preset", type=click.Choice(["paper", "classical"]), default=None,
+              help="Guide settings (default: classical for the filter bank, paper for ViTs).")
 @click.option("-C", "--latents", "C", type=int, default=1024, show_default=True, help="SAE dictionary size.")
 @click.option("-k", "--k", "k", type=int, default=16, show_default=True, help="SAE active latents per token.")
 @click.option("--epochs", type=float, default=5.0, show_default=True, help="SAE training epochs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic datasets and training.")
 @click.option("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all).")
-def demo_cmd(store, out, backbone, weights, C, k, epochs, seed, num_cpus) -> None:
+def demo_cmd(store, out, backbone, weights, preset, C, k, epochs, seed, num_cpus) -> None:
     """The pipeline end to end on data it makes itself: synthesise an MVTec-layout and a VisA-layout dataset with
-    disjoint categories, extract both into a local store, train a TopK SAE on their train-split tokens, encode
-    everything and write atom statistics and galleries. A re-run reuses the store."""
+    disjoint categories, extract both, and in both directions train an SAE and guides on one and evaluate zero-shot
+    on the other, next to training-free baselines; prints a Table-1-style summary. A re-run reuses the store."""
     from spg_dist.distributed.demo import run_demo
 
     run_demo(out=out, store=store, backbone=backbone, weights=weights, C=C, k=k, epochs=epochs, seed=seed,
-             num_cpus=num_cpus, echo=click.echo)
+             preset=preset, num_cpus=num_cpus, echo=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,77 +1,103 @@
-"""``spg demo``: the pipeline end to end on data the project makes itself, re-using whatever the store holds.
+"""``spg demo``: the project's main job end to end on data it makes itself, re-using whatever the store holds.
 
-Today: synthesise two datasets with disjoint categories (MVTec and VisA layouts), extract both, train an SAE on
-the train-split tokens of both, encode everything, and write atom statistics plus a gallery of the most
-category-general atom. Each stage is idempotent, so a re-run only does what is missing.
+Synthesise two datasets with disjoint categories (MVTec and VisA layouts) and extract both; then in each
+direction (aux -> target): train a TopK SAE on the auxiliary tokens, learn guides on the auxiliary masks,
+evaluate zero-shot on the target, and score the same target tokens with two training-free baselines (few-shot
+kNN, label-free MuSc-style). Prints a Table-1-style summary and writes atom galleries of the guides' strongest
+anomaly atoms. Every stage is idempotent, so a re-run only does what is missing.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import pandas as pd
+
 from spg_dist.store import Store
 
-
-@dataclass
-class DemoResult:
-    store: str
-    lines: list[str] = field(default_factory=list)
-    artifacts: dict[str, str] = field(default_factory=dict)
+METRIC_NAMES = {"image_auroc": "img AUROC", "image_ap": "img AP", "pixel_auroc": "px AUROC", "aupro": "AUPRO"}
 
 
-def run_demo(out: str | Path = "demo_out", store: str | None = None, backbone: str = "tiny-dinov3",
+def run_demo(out: str | Path = "demo_out", store: str | None = None, backbone: str = "texture-filterbank",
              weights: str | None = None, C: int = 1024, k: int = 16, epochs: float = 5.0, seed: int = 0,
-             num_cpus: int | None = None, echo: Callable[[str], None] = print) -> DemoResult:
+             preset: str | None = None, num_cpus: int | None = None,
+             echo: Callable[[str], None] = print) -> pd.DataFrame:
+    from spg_dist.backbones import get_config
     from spg_dist.data.synth import synthesize
+    from spg_dist.distributed.baselines import evaluate_baseline
     from spg_dist.distributed.encode import encode
     from spg_dist.distributed.extract import backbone_id_for, extract
     from spg_dist.distributed.runtime import ensure_ray
+    from spg_dist.distributed.stage2 import evaluate, train_guides
     from spg_dist.distributed.train_sae import train_saes
-    from spg_dist.store.atoms import atom_stats, top_patches
-    from spg_dist.store.sae_models import list_saes
-    from spg_dist.viz import atom_gallery_png, atom_stats_png
+    from spg_dist.guides import GuideConfig
+    from spg_dist.store.atoms import top_patches
+    from spg_dist.viz import atom_gallery_png
 
     t0 = time.perf_counter()
     out_dir = Path(out)
     s = Store(store or out_dir / "store")
-    res = DemoResult(s.uri)
+    reports = out_dir / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
     ensure_ray(num_cpus=num_cpus)
-    datasets = []
+    names = {}
     for layout in ("mvtec", "visa"):
         root = out_dir / "data" / f"synth_{layout}"
         if not (root / ".complete").exists():
             synthesize(root, layout=layout, seed=seed)
             (root / ".complete").write_text("ok\n")
         r = extract(f"{layout}:{root}", backbone, s, weights=weights)
-        datasets.append(root.name)
+        names[layout] = root.name
         echo(f"[extract] {r.summary()}")
     bid = backbone_id_for(backbone, weights)
-    rows = train_saes(s, bid, Cs=[C], ks=[k], epochs=epochs, batch_tokens=1024, log_every=25, checkpoint_every=100,
-                      seed=seed)
-    sae_id = rows[0]["sae_id"]
-    echo(f"[train-sae] {sae_id}: nmse {rows[0]['nmse']:.3f}, L0 {rows[0]['l0']:.1f}, "
-         f"dead {100 * rows[0]['dead_fraction']:.1f}% after {rows[0]['steps']} steps")
-    e = encode(sae_id, s)
-    echo(f"[encode] {e.summary()}")
-    stats = atom_stats(s, sae_id)
-    fired = stats[stats["count"] > 0]
-    general = fired.sort_values(["category_entropy", "count"], ascending=False).iloc[0]
-    specific = fired[fired["count"] >= 20].sort_values("category_entropy").iloc[0]
-    reports = out_dir / "reports"
-    reports.mkdir(parents=True, exist_ok=True)
-    res.artifacts["atom_stats"] = str(atom_stats_png(stats, reports / "atom_stats.png"))
-    for name, atom in (("general", int(general["atom"])), ("specific", int(specific["atom"]))):
-        top = top_patches(s, sae_id, atom, 8)
-        res.artifacts[f"gallery_{name}"] = str(atom_gallery_png(s, sae_id, atom, top, reports / f"atom_{atom}.png"))
-        echo(f"[atoms] most category-{name} atom {atom}: entropy {stats.loc[stats['atom'] == atom, 'category_entropy'].item():.2f}, "
-             f"top categories {sorted(set(top.column('category').to_pylist()))}")
-    echo(f"[store] {s.uri}: " + ", ".join(f"{t}={s.count(t)}" for t in
-                                          ("images", "patch_tokens", "errors", "sae_models", "sae_codes", "atom_index",
-                                           "atom_top")))
-    echo(f"[store] {len(list_saes(s))} SAE(s) registered; artifacts: " +
-         ", ".join(f"{k}={v}" for k, v in res.artifacts.items()))
+    layer = get_config(backbone).num_layers
+    preset = preset or ("classical" if get_config(backbone).family == "classical" else "paper")
+
+    rows = []
+    for aux, target in ((names["visa"], names["mvtec"]), (names["mvtec"], names["visa"])):
+        direction = f"{aux} -> {target}"
+        sae = train_saes(s, bid, layer, Cs=[C], ks=[k], dataset=[aux], split=None, epochs=epochs, batch_tokens=1024,
+                         log_every=50, checkpoint_every=200, seed=seed)[0]
+        echo(f"[train-sae] {direction}: {sae['sae_id']} nmse {sae['nmse']:.3f}, dead {100 * sae['dead_fraction']:.1f}%")
+        g = train_guides(s, sae["sae_id"], aux, GuideConfig.preset(preset), progress=False)
+        echo(f"[guides] {g['guide_id']}: active sets {g['active_normal']} normal / {g['active_anomaly']} anomaly atoms")
+        results = {"SPG (ours)": evaluate(s, g["guide_id"], target)}
+        results["kNN 4-shot"] = evaluate_baseline(s, bid, layer, target, "knn", k_shot=4)
+        results["MuSc-style (label-free)"] = evaluate_baseline(s, bid, layer, target, "musc")
+        for method, table in results.items():
+            rows.append({"direction": direction, "method": method, **table.loc["mean"].to_dict()})
+        table_path = reports / f"spg_{aux}_to_{target}.csv"
+        results["SPG (ours)"].to_csv(table_path)
+        e = encode(sae["sae_id"], s, dataset=[aux], progress=False)
+        strongest = np.argsort(g["anomaly_values"])[::-1][:2]
+        for i in strongest:
+            atom = int(g["anomaly_indices"][i])
+            top = top_patches(s, sae["sae_id"], atom, 8)
+            path = atom_gallery_png(s, sae["sae_id"], atom, top, reports / f"anomaly_atom_{aux}_{atom}.png")
+            echo(f"[atoms] {direction}: anomaly atom {atom} (coefficient {g['anomaly_values'][i]:.3f}) -> {path}")
+        echo(f"[encode] {e.summary()}")
+
+    summary = pd.DataFrame(rows).set_index(["direction", "method"])[list(METRIC_NAMES)].rename(columns=METRIC_NAMES)
+    summary.to_csv(reports / "table1.csv")
+    (reports / "table1.md").write_text((100 * summary).round(1).to_markdown() if _has_tabulate() else
+                                       (100 * summary).round(1).to_string())
+    echo("\nZero-shot cross-dataset summary (mean over target categories, %):")
+    echo((100 * summary).round(1).to_string())
+    echo(f"\n[store] {s.uri}: " + ", ".join(f"{t}={s.count(t)}" for t in
+                                            ("images", "patch_tokens", "sae_models", "guides", "eval_results")))
+    echo(f"[reports] {reports} (table1.csv, per-category CSVs, atom galleries)")
     echo(f"[demo] done in {time.perf_counter() - t0:.0f} s")
-    return res
+    return summary
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
