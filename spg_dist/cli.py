@@ -382,6 +382,12 @@ def evaluate_options(f):
         click.option("--allow-overlap", is_flag=True,
                      help="Evaluate even if target categories also occur in the auxiliary data (not zero-shot)."),
         click.option("--run", default=None, help="Run name of the eval_results rows (default: <guides>@<pooling>)."),
+        click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False),
+                     help="Write metrics.csv, metrics.md, overlays/*.png (and tau_sweep.*) into this folder."),
+        click.option("--overlays", type=click.IntRange(min=0), default=8, show_default=True,
+                     help="Overlay PNGs per category with --report (anomalous images first)."),
+        click.option("--taus", default=None,
+                     help="Comma list of τ, e.g. 0.01,0.05,0.1,0.5: image AUROC/AP of lse:τ pooling against τ."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -390,13 +396,33 @@ def evaluate_options(f):
 
 @main.command("evaluate")
 @evaluate_options
-def evaluate_cmd(store, guide_id, target_dataset, pooling, allow_overlap, run) -> None:
+def evaluate_cmd(store, guide_id, target_dataset, pooling, allow_overlap, run, report_dir, overlays, taus) -> None:
     """Zero-shot evaluation of stored guides on a target dataset: image AUROC/AP, pixel AUROC, AUPRO per category
-    and their mean, written to eval_results."""
+    and their mean, written to eval_results; optionally a report folder and a τ sweep of lse pooling."""
     from spg_dist.distributed.stage2 import evaluate
+    from spg_dist.viz.sweeps import parse_taus
 
-    table = evaluate(store, guide_id, target_dataset, pooling=pooling, allow_overlap=allow_overlap, run=run)
+    try:
+        tau_list = parse_taus(taus)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--taus") from None
+    table = evaluate(store, guide_id, target_dataset, pooling=pooling, allow_overlap=allow_overlap, run=run,
+                     report_dir=report_dir, overlays=overlays, taus=tau_list)
     click.echo((100 * table).round(1).to_string())
+    sweep = table.attrs.get("tau_sweep")
+    if sweep:
+        click.echo("\nmean image AUROC / AP against τ (lse pooling; max pooling: "
+                   f"{100 * sweep[0]['max_image_auroc']:.1f} / {100 * sweep[0]['max_image_ap']:.1f})")
+        for r in sweep:
+            click.echo(f"  τ={r['tau']:<10g} {100 * r['image_auroc']:6.1f} {100 * r['image_ap']:6.1f}")
+    rep = table.attrs.get("report")
+    if rep:
+        click.echo("")
+        for key in ("metrics_csv", "metrics_md", "tau_sweep_csv", "tau_sweep_png"):
+            if key in rep:
+                click.echo(f"wrote {rep[key]}")
+        if rep.get("overlays"):
+            click.echo(f"wrote {len(rep['overlays'])} overlays in {Path(rep['overlays'][0]).parent}")
 
 
 @main.command("backbones")

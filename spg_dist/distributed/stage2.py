@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -189,16 +190,76 @@ def _categories(store: Store, backbone: str, layer: int, **filters: Any) -> set[
 
 
 @torch.no_grad()
+def _image_uris(store: Store, dataset: str) -> dict[str, str]:
+    tbl = store.read("images", where=where_clause(dataset=[dataset]), columns=["image_id", "image_uri"])
+    return dict(zip(tbl.column("image_id").to_pylist(), tbl.column("image_uri").to_pylist()))
+
+
+def _markdown_table(df: pd.DataFrame) -> str:
+    """pandas ``to_markdown`` when ``tabulate`` is importable, else the same pipe table written by hand."""
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        cols = [df.index.name or ""] + [str(c) for c in df.columns]
+        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join([":---"] + ["---:"] * len(df.columns)) + "|"]
+        for idx, r in df.iterrows():
+            lines.append("| " + " | ".join([str(idx)] + [f"{float(v):.4f}" for v in r.to_numpy()]) + " |")
+        return "\n".join(lines) + "\n"
+    return df.to_markdown(floatfmt=".4f") + "\n"
+
+
+def _write_report(report_dir: Path, df: pd.DataFrame, per: dict[str, dict[str, list]], image_uris: dict[str, str],
+                  overlays: int, sweep: pd.DataFrame | None) -> dict[str, Any]:
+    from spg_dist.viz.overlays import write_category_overlays
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Any] = {"metrics_csv": str(report_dir / "metrics.csv"), "metrics_md": str(report_dir / "metrics.md")}
+    df.to_csv(paths["metrics_csv"])
+    a = df.attrs
+    head = (f"# {a.get('run')}\n\nguides `{a.get('guide_id')}` on `{a.get('target_dataset')}` "
+            f"(pooling {a.get('pooling')}, mask {a.get('mask_size')} px)\n\n")
+    Path(paths["metrics_md"]).write_text(head + _markdown_table(df))
+    written: list[str] = []
+    if overlays > 0:
+        for cat, d in sorted(per.items()):
+            written += [str(p) for p in write_category_overlays(cat, d["ids"], d["labels"], d["scores"], d["masks"],
+                                                                d["maps"], image_uris, report_dir / "overlays",
+                                                                n=overlays)]
+    paths["overlays"] = written
+    if sweep is not None:
+        from spg_dist.viz.sweeps import tau_sweep_png
+
+        paths["tau_sweep_csv"] = str(report_dir / "tau_sweep.csv")
+        sweep.to_csv(paths["tau_sweep_csv"], index=False)
+        paths["tau_sweep_png"] = str(tau_sweep_png(sweep, report_dir / "tau_sweep.png",
+                                                   title=f"{a.get('target_dataset')}: image AUROC / AP against τ"))
+    return paths
+
+
 def evaluate(store: Store | str, guide_id: str, target_dataset: str, pooling: str = "max", allow_overlap: bool = False,
              run: str | None = None, mask_size: int | None = None, batch_size: int = 64,
-             device: str | None = None) -> pd.DataFrame:
+             device: str | None = None, report_dir: str | Path | None = None, overlays: int = 8,
+             taus: Sequence[float] | None = None) -> pd.DataFrame:
     """Zero-shot evaluation of stored guides on the test split of ``target_dataset``.
 
     Returns one row per category plus ``mean`` (index ``category``; columns image_auroc, image_ap, pixel_auroc,
     aupro) and upserts the same numbers into ``eval_results`` under ``run`` (default ``<guide_id>@<pooling>``).
+
+    ``taus``: also sweep ``lse:τ`` image pooling over the maps already computed (max pooling as the τ -> 0
+    reference); the sweep (one row per τ, see :func:`spg_dist.viz.sweeps.tau_sweep`) is returned as records in
+    ``df.attrs["tau_sweep"]``. ``report_dir``: write ``metrics.csv``, ``metrics.md``, ``overlays/<category>__<image>.png``
+    for up to ``overlays`` images per category (anomalous first) and, with ``taus``, ``tau_sweep.csv`` /
+    ``tau_sweep.png``; the paths are in ``df.attrs["report"]``.
     """
     store = store if isinstance(store, Store) else Store(store)
     parse_pooling(pooling)  # refuse a bad spec before any work
+    if taus is not None:
+        from spg_dist.viz.sweeps import parse_taus
+
+        taus = parse_taus(taus)
+    overlays = int(overlays)
+    if overlays < 0:
+        raise ValueError(f"overlays must be >= 0, got {overlays}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     guides = load_guides(store, guide_id, device=device)
     row = _guide_row(store, guide_id)
@@ -230,7 +291,8 @@ def evaluate(store: Store | str, guide_id: str, target_dataset: str, pooling: st
         maps = maps.cpu().numpy().astype(np.float32)
         masks = _load_masks(ids, uris, mask_size)
         for i, (cat, label) in enumerate(zip(meta.column("category").to_pylist(), meta.column("label").to_pylist())):
-            d = per.setdefault(cat, {"labels": [], "scores": [], "masks": [], "maps": []})
+            d = per.setdefault(cat, {"ids": [], "labels": [], "scores": [], "masks": [], "maps": []})
+            d["ids"].append(ids[i])
             d["labels"].append(int(label))
             d["scores"].append(float(scores[i]))
             d["masks"].append(masks[i])
@@ -250,6 +312,15 @@ def evaluate(store: Store | str, guide_id: str, target_dataset: str, pooling: st
     df.index.name = "category"
     df.attrs.update(run=run, guide_id=guide_id, target_dataset=target_dataset, pooling=pooling, mask_size=mask_size,
                     train_mask_size=info.get("mask_size"))
+    sweep = None
+    if taus:
+        from spg_dist.viz.sweeps import tau_sweep
+
+        sweep = tau_sweep({c: (np.asarray(d["labels"]), np.stack(d["maps"])) for c, d in per.items()}, taus)
+        df.attrs["tau_sweep"] = sweep.to_dict("records")
+    if report_dir is not None:
+        df.attrs["report"] = _write_report(Path(report_dir), df, per, _image_uris(store, target_dataset), overlays,
+                                           sweep)
     return df
 
 
