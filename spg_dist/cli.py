@@ -39,6 +39,13 @@ def _int_list(_ctx, _param, value: str | None) -> list[int] | None:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
+def _apply(options, f):
+    """Apply a list of click options in the order they are listed (shared by a command and its jobs/ twin)."""
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
 def _str_list(_ctx, _param, value: tuple[str, ...] | str | None) -> list[str] | None:
     if not value:
         return None
@@ -141,9 +148,7 @@ def extract_options(f):
         click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    return _apply(opts, f)
 
 
 @main.command("extract")
@@ -211,9 +216,7 @@ def train_sae_options(f):
         click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)."),
         click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)."),
     ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    return _apply(opts, f)
 
 
 @main.command("train-sae")
@@ -349,9 +352,7 @@ def train_guides_options(f):
         click.option("--k-g", type=int, default=None, help="Coefficients kept with --nonneg topk."),
         click.option("--mask-size", type=int, default=None, help="Mask resolution for the loss (default grid x 4)."),
     ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    return _apply(opts, f)
 
 
 @main.command("train-guides")
@@ -389,9 +390,7 @@ def evaluate_options(f):
         click.option("--taus", default=None,
                      help="Comma list of τ, e.g. 0.01,0.05,0.1,0.5: image AUROC/AP of lse:τ pooling against τ."),
     ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    return _apply(opts, f)
 
 
 @main.command("evaluate")

@@ -56,7 +56,7 @@ def test_grid_in_one_pass_registers_every_sae(ray_cluster, token_store):
     for r in rows:
         full = sae_row(token_store, r["sae_id"])
         sae = TopKSAE.from_bytes(full["weights"])
-        assert (sae.cfg.C, sae.cfg.k) == (full["C"], full["k"])
+        assert (sae.config.C, sae.config.k) == (full["C"], full["k"])
         norms = sae.W_dec.norm(dim=1)
         torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-4, rtol=0)
         assert 0 < full["nmse"] < 1.0 and full["l0"] <= full["k"] + 1e-6

@@ -9,7 +9,6 @@ anomaly atoms. Every stage is idempotent, so a re-run only does what is missing.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable

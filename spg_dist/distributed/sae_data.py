@@ -108,8 +108,6 @@ def stream_dataset(store: Store, flt: TokenFilter):
     import lance_ray
 
     def explode(batch):
-        import pyarrow as pa  # noqa: F401
-
         d = int(batch["dim"][0])
         flat = np.concatenate([np.asarray(t, dtype=np.float16) for t in batch["tokens"]])
         return {"x": flat.reshape(-1, d)}

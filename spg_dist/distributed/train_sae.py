@@ -25,7 +25,7 @@ from spg_dist.distributed.sae_data import (NoTokensError, TokenFilter, load_shar
 from spg_dist.sae import (MultiSAETrainer, NonFiniteLossError, Preprocessing, SAEConfig, SAEConfigError,
                           TrainConfig)
 from spg_dist.sae.checkpoint import load_checkpoint, save_checkpoint
-from spg_dist.store import Store
+from spg_dist.store import Store, where_clause
 
 POSITION_FILE = "position.json"
 NONFINITE_FILE = "nonfinite.json"
@@ -119,7 +119,9 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             print(f"[spg] resumed {config['run_name']} from step {position['step']}", flush=True)
     else:
-        sample = tokens[: 65536] if tokens is not None else next(iter(shard.iter_torch_batches(
+        pick = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(train_cfg.seed))[:65536] \
+            if tokens is not None else None  # a spread of images, not the first few
+        sample = tokens[pick] if tokens is not None else next(iter(shard.iter_torch_batches(
             batch_size=min(65536, per_worker_batch * 4), dtypes=torch.float32)))["x"]
         trainer.init_from_sample(sample.to(device).float())
 
@@ -348,7 +350,7 @@ def _check_resumable(run_dir: str, configs: list[SAEConfig], train_cfg: TrainCon
 
 
 def _registered(store: Store, run: str, configs: list[SAEConfig], total: int) -> list[dict] | None:
-    rows = store.read("sae_models", where=f"run = '{run}'", columns=[
+    rows = store.read("sae_models", where=where_clause(run=run), columns=[
         "sae_id", "backbone", "layer", "d", "C", "k", "sparsifier", "run", "config", "metrics", "nmse",
         "explained_variance", "l0", "dead_fraction", "steps", "tokens_seen", "run_dir", "created_at"]).to_pylist()
     have = {(r["C"], r["k"], r["sparsifier"]) for r in rows if r["steps"] == total}
@@ -360,7 +362,7 @@ def _registered(store: Store, run: str, configs: list[SAEConfig], total: int) ->
 def _resolve_stored_layer(store: Store, backbone: str, layer: int) -> int:
     if layer >= 0:
         return layer
-    tbl = store.read("patch_tokens", where=f"backbone = '{backbone}'", columns=["layer"])
+    tbl = store.read("patch_tokens", where=where_clause(backbone=backbone), columns=["layer"])
     layers = sorted(set(tbl.column("layer").to_pylist()))
     if not layers:
         have = sorted(set(store.read("patch_tokens", columns=["backbone"]).column("backbone").to_pylist()))

@@ -107,11 +107,6 @@ class TopKSAE(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- basics
     @property
-    def cfg(self) -> SAEConfig:
-        """Alias of ``config``."""
-        return self.config
-
-    @property
     def d(self) -> int:
         return self.config.d
 

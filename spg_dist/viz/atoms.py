@@ -16,7 +16,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
@@ -24,6 +23,7 @@ from spg_dist.data.imageio import ImageDecodeError, load_image
 from spg_dist.store.atoms import activation_maps, sae_info
 from spg_dist.store.connection import Store
 from spg_dist.store.tokens import where_clause
+from spg_dist.viz.figures import save_figure
 
 DEFAULT_PATCH_PX = 16  # patch side assumed when the extraction size is unknown (no patch_tokens rows)
 
@@ -61,14 +61,6 @@ def _extraction_sizes(store: Store, sae_id: str, image_ids: Sequence[str]) -> di
     return dict(zip(t.column("image_id").to_pylist(), t.column("image_size").to_pylist()))
 
 
-def _save(fig: Figure, out_path: str | os.PathLike) -> Path:
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(out, dpi=110)
-    return out
-
-
 def _short(image_id: str, parts: int = 3) -> str:
     return "/".join(image_id.split("/")[-parts:])
 
@@ -85,7 +77,7 @@ def atom_gallery_png(store: Store, sae_id: str, atom: int, rows: Any, out_path: 
     if not rows:
         fig = Figure(figsize=(5, 1.5))
         fig.text(0.5, 0.5, f"{sae_id}\natom {atom} never fires in the encoded data", ha="center", va="center")
-        return _save(fig, out_path)
+        return save_figure(fig, out_path)
     info = sae_info(store, sae_id)
     ids = list(dict.fromkeys(r["image_id"] for r in rows))
     imgs = store.read("images", where_clause(image_id=ids), ["image_id", "image_uri"])
@@ -125,7 +117,7 @@ def atom_gallery_png(store: Store, sae_id: str, atom: int, rows: Any, out_path: 
         for s in ax_crop.spines.values():
             s.set_edgecolor("cyan")
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 def atom_stats_png(stats: Any, out_path: str | os.PathLike, title: str | None = None) -> Path:
@@ -167,7 +159,7 @@ def atom_stats_png(stats: Any, out_path: str | os.PathLike, title: str | None = 
     ax_right.tick_params(labelleft=False)
     ax_top.set_ylabel("atoms", fontsize=8)
     ax_right.set_xlabel("atoms", fontsize=8)
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 __all__ = ["atom_gallery_png", "atom_stats_png", "upsample_bilinear"]

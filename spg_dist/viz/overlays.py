@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from spg_dist.data.imageio import ImageDecodeError, load_image
+from spg_dist.viz.figures import save_figure
 
 MIN_DISPLAY_PX = 256  # images are shown at the mask size or this, whichever is larger
 
@@ -103,11 +103,7 @@ def overlay_png(image: np.ndarray | None, mask: np.ndarray, amap: np.ndarray, sc
     tag = "" if label is None else ("  [anomalous]" if int(label) == 1 else "  [normal]")
     fig.suptitle(f"{title}{tag}  image score {score:.4f}", fontsize=10)
     fig.tight_layout()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(out, dpi=110)
-    return out
+    return save_figure(fig, out_path)
 
 
 def write_category_overlays(category: str, image_ids: Sequence[str], labels: Sequence[int], scores: Sequence[float],

@@ -14,11 +14,11 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from spg_dist.evaluation import image_ap, image_auroc
 from spg_dist.guides import image_scores
+from spg_dist.viz.figures import save_figure
 
 SWEEP_METRICS = ("image_auroc", "image_ap")
 
@@ -96,11 +96,7 @@ def tau_sweep_png(sweep: pd.DataFrame, out_path: str | os.PathLike, title: str |
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title or "image AUROC / AP against τ")
     fig.tight_layout()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(out, dpi=110)
-    return out
+    return save_figure(fig, out_path)
 
 
 __all__ = ["SWEEP_METRICS", "parse_taus", "pooled_scores", "tau_sweep", "tau_sweep_png"]
