@@ -53,6 +53,18 @@ def _str_list(_ctx, _param, value: tuple[str, ...] | str | None) -> list[str] | 
     return [v.strip() for item in items for v in item.split(",") if v.strip()] or None
 
 
+def _steps(_ctx, _param, value: str | None) -> str | None:
+    """Validate --preprocess at parse time (one line naming the bad step) and normalise its order."""
+    if value is None:
+        return None
+    from spg_dist.sae.preprocess import parse_steps
+
+    try:
+        return ",".join(parse_steps(value)) or "none"
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 class _FriendlyErrors:
     """Expected failures become one ``Error: ...`` line and exit 1, never a traceback."""
 
@@ -204,7 +216,14 @@ def train_sae_options(f):
                      help="A latent is dead after this many tokens without firing (default 10 M, scaled down to a "
                           "tenth of the training tokens on small data)."),
         click.option("--input-scaling", type=click.Choice(["none", "unit_mean_sq_norm"]), default="none",
-                     show_default=True, help="Scale tokens before the SAE (recorded with the model)."),
+                     show_default=True, help="Scale tokens before the SAE (recorded with the model); same as "
+                                             "adding 'scale' to --preprocess."),
+        click.option("--preprocess", default="none", show_default=True, callback=_steps,
+                     help="Token preprocessing steps, comma-separated, fitted on the training tokens and recorded "
+                          "with the SAE (guides and evaluation inherit them): center (subtract each image's median "
+                          "token), standardize (per-dimension mean/std), scale (unit mean square per dimension), "
+                          "constant (append the median token norm as one extra component: lets SPG's cosine see "
+                          "magnitude). The classical encoder's demo uses standardize,constant."),
         click.option("--checkpoint-every", type=int, default=200, show_default=True, help="Steps between checkpoints."),
         click.option("--log-every", type=int, default=50, show_default=True, help="Steps between metric logs."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of init and shuffling."),
@@ -455,20 +474,23 @@ def store_cmd(store: str) -> None:
               help="Backbone registry name (default: the classical filter bank, the honest offline encoder).")
 @click.option("--weights", default=None, help="Local weights for the backbone.")
 @click.option("--preset", type=click.Choice(["paper", "classical"]), default=None,
-              help="Guide settings (default: classical for the filter bank, paper for ViTs).")
+              help="Guide settings and the SAE token preprocessing they go with (default: classical for the "
+                   "filter bank, paper for ViTs).")
+@click.option("--preprocess", default=None, callback=_steps,
+              help="Override the preset's SAE token preprocessing (see `spg train-sae --help`; 'none' for raw).")
 @click.option("-C", "--latents", "C", type=int, default=1024, show_default=True, help="SAE dictionary size.")
 @click.option("-k", "--k", "k", type=int, default=16, show_default=True, help="SAE active latents per token.")
 @click.option("--epochs", type=float, default=5.0, show_default=True, help="SAE training epochs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic datasets and training.")
 @click.option("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all).")
-def demo_cmd(store, out, backbone, weights, preset, C, k, epochs, seed, num_cpus) -> None:
+def demo_cmd(store, out, backbone, weights, preset, preprocess, C, k, epochs, seed, num_cpus) -> None:
     """The pipeline end to end on data it makes itself: synthesise an MVTec-layout and a VisA-layout dataset with
     disjoint categories, extract both, and in both directions train an SAE and guides on one and evaluate zero-shot
     on the other, next to training-free baselines; prints a Table-1-style summary. A re-run reuses the store."""
     from spg_dist.distributed.demo import run_demo
 
     run_demo(out=out, store=store, backbone=backbone, weights=weights, C=C, k=k, epochs=epochs, seed=seed,
-             preset=preset, num_cpus=num_cpus, echo=click.echo)
+             preset=preset, preprocess=preprocess, num_cpus=num_cpus, echo=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

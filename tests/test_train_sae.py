@@ -72,11 +72,19 @@ def test_two_workers_ddp(ray_cluster, token_store):
     assert json.loads(sae_row(token_store, rows[0]["sae_id"])["config"])["workers"] == 2
 
 
-def test_streamed_data(ray_cluster, token_store):
+def test_streamed_data_with_per_image_preprocessing(ray_cluster, token_store):
+    """The stream path applies per-image steps inside the Ray Data read, before tokens are split up and
+    shuffled; the fitted steps are recorded with the SAE, whose d grows by the appended constant."""
     streamed = train_saes(token_store, "bb", Cs=[32], ks=[4], batch_tokens=128, epochs=1, data_mode="stream",
-                          cpus_per_worker=0.5, run_name="stream")
+                          cpus_per_worker=0.5, run_name="stream", preprocess="center,constant")
     assert streamed[0]["steps"] == 64 * 16 // 128
-    assert json.loads(sae_row(token_store, streamed[0]["sae_id"])["config"])["data_mode"] == "stream"
+    full = sae_row(token_store, streamed[0]["sae_id"])
+    config = json.loads(full["config"])
+    assert config["data_mode"] == "stream"
+    assert config["preprocessing"]["center"] and config["preprocessing"]["constant"] > 0
+    sae = TopKSAE.from_bytes(full["weights"])
+    assert sae.d == full["d"] == sae.raw_dim + 1
+    assert 0 < full["nmse"] < 1.0
 
 
 def test_bad_inputs_fail_before_training(ray_cluster, token_store):

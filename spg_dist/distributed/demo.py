@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -23,8 +23,13 @@ METRIC_NAMES = {"image_auroc": "img AUROC", "image_ap": "img AP", "pixel_auroc":
 
 def run_demo(out: str | Path = "demo_out", store: str | None = None, backbone: str = "texture-filterbank",
              weights: str | None = None, C: int = 1024, k: int = 16, epochs: float = 5.0, seed: int = 0,
-             preset: str | None = None, num_cpus: int | None = None,
-             echo: Callable[[str], None] = print) -> pd.DataFrame:
+             preset: str | None = None, preprocess: str | None = None, num_cpus: int | None = None,
+             synth: dict[str, Any] | None = None, echo: Callable[[str], None] = print) -> pd.DataFrame:
+    """Run the demo; returns the Table-1 summary (fractions, indexed by direction and method).
+
+    ``synth``: keyword arguments for :func:`spg_dist.data.synth.synthesize` (sizes, image size, categories), for a
+    smaller demo; ``preprocess``: the SAE token preprocessing (default: the one the guide preset goes with).
+    """
     from spg_dist.backbones import get_config
     from spg_dist.data.synth import synthesize
     from spg_dist.distributed.baselines import evaluate_baseline
@@ -34,6 +39,7 @@ def run_demo(out: str | Path = "demo_out", store: str | None = None, backbone: s
     from spg_dist.distributed.stage2 import evaluate, train_guides
     from spg_dist.distributed.train_sae import train_saes
     from spg_dist.guides import GuideConfig
+    from spg_dist.guides.config import PRESET_PREPROCESSING
     from spg_dist.store.atoms import top_patches
     from spg_dist.viz import atom_gallery_png
 
@@ -47,7 +53,7 @@ def run_demo(out: str | Path = "demo_out", store: str | None = None, backbone: s
     for layout in ("mvtec", "visa"):
         root = out_dir / "data" / f"synth_{layout}"
         if not (root / ".complete").exists():
-            synthesize(root, layout=layout, seed=seed)
+            synthesize(root, layout=layout, seed=seed, **(synth or {}))
             (root / ".complete").write_text("ok\n")
         r = extract(f"{layout}:{root}", backbone, s, weights=weights)
         names[layout] = root.name
@@ -55,12 +61,13 @@ def run_demo(out: str | Path = "demo_out", store: str | None = None, backbone: s
     bid = backbone_id_for(backbone, weights)
     layer = get_config(backbone).num_layers
     preset = preset or ("classical" if get_config(backbone).family == "classical" else "paper")
+    preprocess = preprocess or PRESET_PREPROCESSING[preset]
 
     rows = []
     for aux, target in ((names["visa"], names["mvtec"]), (names["mvtec"], names["visa"])):
         direction = f"{aux} -> {target}"
         sae = train_saes(s, bid, layer, Cs=[C], ks=[k], dataset=[aux], split=None, epochs=epochs, batch_tokens=1024,
-                         log_every=50, checkpoint_every=200, seed=seed)[0]
+                         log_every=50, checkpoint_every=200, seed=seed, preprocess=preprocess)[0]
         echo(f"[train-sae] {direction}: {sae['sae_id']} nmse {sae['nmse']:.3f}, dead {100 * sae['dead_fraction']:.1f}%")
         g = train_guides(s, sae["sae_id"], aux, GuideConfig.preset(preset), progress=False)
         echo(f"[guides] {g['guide_id']}: active sets {g['active_normal']} normal / {g['active_anomaly']} anomaly atoms")

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from spg_dist.distributed.sae_data import NoTokensError
 from spg_dist.store import Store, load_schema, tokens_from_arrow, where_clause, write_fragment
-from spg_dist.store.sae_models import sae_row
+from spg_dist.store.sae_models import raw_token_dim, sae_row
 from spg_dist.store.tokens import sql_literal
 
 META = ("image_id", "dataset", "category", "split", "label")
@@ -56,8 +56,9 @@ class SAEEncodeActor:
         toks = tokens_from_arrow(batch)
         n, h, w, d = toks.shape
         with self.torch.no_grad():
-            x = self.torch.from_numpy(np.ascontiguousarray(toks.reshape(-1, d))).to(self.device)
+            x = self.torch.from_numpy(np.ascontiguousarray(toks)).to(self.device)  # whole images: per-image steps
             values, indices = self.sae.encode(x)
+            values, indices = values.reshape(n * h * w, -1), indices.reshape(n * h * w, -1)
         k = indices.shape[1]
         per = h * w * k
         offsets = pa.array(np.arange(n + 1, dtype=np.int64) * per)
@@ -128,8 +129,9 @@ def encode(sae_id: str, store: str | Store, *, dataset: Sequence[str] | None = N
     if ids.num_rows == 0:
         raise NoTokensError(f"no patch_tokens for {where} in {store.uri}: run `spg extract` first")
     dims = set(ids.column("dim").to_pylist())
-    if dims != {row["d"]}:
-        raise NoTokensError(f"SAE {sae_id} expects tokens of dim {row['d']}, the store has {sorted(dims)} for {where}")
+    if dims != {raw_token_dim(row)}:
+        raise NoTokensError(f"SAE {sae_id} expects tokens of dim {raw_token_dim(row)}, the store has {sorted(dims)} "
+                            f"for {where}")
     all_ids = set(ids.column("image_id").to_pylist())
     done = {i for _, i in store.keys("sae_codes", where=f"sae_id = {sql_literal(sae_id)}")} & all_ids
     todo = sorted(all_ids - done)

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from spg_dist.sae.preprocess import Preprocessing
 from spg_dist.store import Store, where_clause
 
 
@@ -70,28 +71,70 @@ def owner(image_id: str, world: int) -> int:
     return zlib.crc32(image_id.encode()) % world
 
 
-def load_shard(store: Store, flt: TokenFilter, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """This worker's tokens as one fp16 [N, d] tensor (whole images, assigned by ``owner``).
+def _read_shard(store: Store, flt: TokenFilter, rank: int, world: int) -> tuple[torch.Tensor, np.ndarray]:
+    """This worker's raw fp16 tokens ``[N, d]`` (whole images, assigned by ``owner``) and tokens per image.
 
     One multi-threaded Lance scan and one flatten: per-batch Python work cost 3x the read itself.
     """
     import pyarrow as pa
 
     ds = store.table("patch_tokens").to_lance()
-    tbl = ds.to_table(columns=["image_id", "tokens", "dim"], filter=flt.where())
+    tbl = ds.to_table(columns=["image_id", "tokens", "dim", "grid_h", "grid_w"], filter=flt.where())
     if world > 1:
         mine = [owner(i, world) == rank for i in tbl.column("image_id").to_pylist()]
         tbl = tbl.filter(pa.array(mine))
     if tbl.num_rows == 0:
-        return torch.zeros((0, 0), dtype=torch.float16)
+        return torch.zeros((0, 0), dtype=torch.float16), np.zeros(0, dtype=np.int64)
     d = int(tbl.column("dim")[0].as_py())
+    counts = np.asarray(tbl.column("grid_h"), dtype=np.int64) * np.asarray(tbl.column("grid_w"), dtype=np.int64)
     col = tbl.column("tokens")
     # combine_chunks copies even a single chunk; flatten a lone chunk in place (zero-copy)
     parts = [c.flatten().to_numpy(zero_copy_only=False) for c in col.chunks]
     values = parts[0] if len(parts) == 1 else np.concatenate(parts)
     with warnings.catch_warnings():  # Arrow buffers are read-only; the trainer only ever reads (gathers) them
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(values.reshape(-1, d))
+        return torch.from_numpy(values.reshape(-1, d)), counts
+
+
+def preprocess_images(tokens: torch.Tensor, counts: np.ndarray, preprocessing: Preprocessing,
+                      chunk_images: int = 256) -> torch.Tensor:
+    """Raw tokens ``[N, d]`` of whole images (``counts[i]`` tokens for image i, in order) -> fp16 ``[N, d_out]``
+    through ``preprocessing``, applied to whole images (so per-image steps see their image), in chunks of
+    images so the float32 intermediate stays small. fp16 keeps the shard's memory as budgeted (the stored
+    tokens are fp16 already; preprocessed values are O(1))."""
+    d_out = preprocessing.out_dim(tokens.shape[-1])
+    out = torch.empty((tokens.shape[0], d_out), dtype=torch.float16, device=tokens.device)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    i = 0
+    while i < len(counts):
+        j = i + 1  # a run of images with the same token count, at most chunk_images long
+        while j < len(counts) and j - i < chunk_images and counts[j] == counts[i]:
+            j += 1
+        a, b = int(starts[i]), int(starts[j])
+        x = tokens[a:b].reshape(j - i, int(counts[i]), -1)
+        out[a:b] = preprocessing.apply(x).reshape(b - a, d_out).to(torch.float16)
+        i = j
+    return out
+
+
+def load_shard(store: Store, flt: TokenFilter, rank: int = 0, world: int = 1,
+               preprocessing: Preprocessing | None = None) -> torch.Tensor:
+    """This worker's tokens as one fp16 ``[N, d]`` tensor (whole images, assigned by ``owner``): raw, or with
+    ``preprocessing`` already applied per image (``[N, d_out]``), ready for ``step(preprocessed=True)``."""
+    tokens, counts = _read_shard(store, flt, rank, world)
+    if preprocessing is None or preprocessing.is_identity or tokens.numel() == 0:
+        return tokens  # zero-copy view of the Arrow buffer; identity only casts, which the step does anyway
+    return preprocess_images(tokens, counts, preprocessing)
+
+
+def load_images(store: Store, flt: TokenFilter, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Raw tokens grouped by image, fp16 ``[B, P, d]`` (what per-image preprocessing steps are fitted on).
+    Raises when the images have different token grids (filter to one resolution)."""
+    tokens, counts = _read_shard(store, flt, rank, world)
+    if len(set(counts.tolist())) > 1:
+        raise NoTokensError(f"tokens for {flt.where()} come in several grid sizes ({sorted(set(counts.tolist()))} "
+                            "patches per image); filter to one resolution")
+    return tokens.reshape(len(counts), int(counts[0]) if len(counts) else 0, -1)
 
 
 def memory_batches(tokens: torch.Tensor, batch_tokens: int, epoch: int, seed: int, start: int = 0
@@ -103,15 +146,22 @@ def memory_batches(tokens: torch.Tensor, batch_tokens: int, epoch: int, seed: in
         yield tokens[order[b * batch_tokens:(b + 1) * batch_tokens]]
 
 
-def stream_dataset(store: Store, flt: TokenFilter):
-    """A Ray Dataset of single tokens {"x": fp16[d]} read from the store (for shards larger than memory)."""
+def stream_dataset(store: Store, flt: TokenFilter, preprocessing: Preprocessing | None = None):
+    """A Ray Dataset of single tokens {"x": fp16[d]} read from the store (for shards larger than memory); with
+    ``preprocessing`` they are already through it, applied per image before the tokens are split up."""
     import lance_ray
+
+    if preprocessing is not None and preprocessing.is_identity:
+        preprocessing = None  # identity: keep the read tasks free of torch
 
     def explode(batch):
         d = int(batch["dim"][0])
         flat = np.concatenate([np.asarray(t, dtype=np.float16) for t in batch["tokens"]])
-        return {"x": flat.reshape(-1, d)}
+        if preprocessing is None:
+            return {"x": flat.reshape(-1, d)}
+        counts = np.asarray(batch["grid_h"], dtype=np.int64) * np.asarray(batch["grid_w"], dtype=np.int64)
+        return {"x": preprocess_images(torch.from_numpy(flat.reshape(-1, d)), counts, preprocessing).numpy()}
 
-    ds = lance_ray.read_lance(store.lance_uri("patch_tokens"), columns=["tokens", "dim"], filter=flt.where(),
-                              storage_options=store.storage_options)
+    ds = lance_ray.read_lance(store.lance_uri("patch_tokens"), columns=["tokens", "dim", "grid_h", "grid_w"],
+                              filter=flt.where(), storage_options=store.storage_options)
     return ds.map_batches(explode, batch_format="numpy", batch_size=16)

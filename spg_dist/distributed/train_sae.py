@@ -20,11 +20,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from spg_dist.distributed.sae_data import (NoTokensError, TokenFilter, load_shard, memory_batches, owner,
-                                           stream_dataset, token_stats)
+from spg_dist.distributed.sae_data import (NoTokensError, TokenFilter, TokenStats, load_images, load_shard,
+                                           memory_batches, owner, stream_dataset, token_stats)
 from spg_dist.sae import (MultiSAETrainer, NonFiniteLossError, Preprocessing, SAEConfig, SAEConfigError,
                           TrainConfig)
 from spg_dist.sae.checkpoint import load_checkpoint, save_checkpoint
+from spg_dist.sae.preprocess import parse_steps
 from spg_dist.store import Store, where_clause
 
 POSITION_FILE = "position.json"
@@ -99,12 +100,13 @@ def train_loop(config: dict) -> None:
     flt = TokenFilter(**{k: (tuple(v) if isinstance(v, list) and v else (v or None)) for k, v in config["filter"].items()})
     train_cfg = TrainConfig.from_dict(config["train"])
     configs = [SAEConfig.from_dict(c) for c in config["configs"]]
-    trainer = MultiSAETrainer(configs, train_cfg, Preprocessing.from_dict(config["preprocessing"]), device=device)
+    pre = Preprocessing.from_dict(config["preprocessing"])
+    trainer = MultiSAETrainer(configs, train_cfg, pre, device=device)
     per_worker_batch = max(1, train_cfg.batch_tokens // world)
     steps_per_epoch, total = config["steps_per_epoch"], config["total_steps"]
 
     if config["data_mode"] == "memory":
-        tokens = load_shard(store, flt, rank, world).to(device)
+        tokens = load_shard(store, flt, rank, world, preprocessing=pre).to(device)  # per image, once
     else:
         tokens = None
         shard = ray.train.get_dataset_shard("train")
@@ -123,7 +125,7 @@ def train_loop(config: dict) -> None:
             if tokens is not None else None  # a spread of images, not the first few
         sample = tokens[pick] if tokens is not None else next(iter(shard.iter_torch_batches(
             batch_size=min(65536, per_worker_batch * 4), dtypes=torch.float32)))["x"]
-        trainer.init_from_sample(sample.to(device).float())
+        trainer.init_from_sample(sample.to(device).float(), preprocessed=True)
 
     wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None
     trainer.wrap(wrap)
@@ -164,7 +166,7 @@ def train_loop(config: dict) -> None:
                 if batch_idx >= steps_per_epoch or step >= total:
                     break
                 last = trainer.step(x.to(device, non_blocking=True).float(), fired_reduce=fired_reduce,
-                                    world_size=world)
+                                    world_size=world, preprocessed=True)
                 step, batch_idx = step + 1, batch_idx + 1
                 if step == config.get("fault_at_step") and rank == 0:
                     _inject_fault_once(config["run_dir"])
@@ -200,19 +202,35 @@ def _inject_fault_once(run_dir: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def fit_preprocessing(store: Store, flt: TokenFilter, stats: TokenStats, steps: Sequence[str],
+                      sample_images: int = 256) -> Preprocessing:
+    """Fit the preprocessing ``steps`` on about ``sample_images`` whole training images (a hash-spread subset,
+    the same on every run, so a re-run fits the same statistics and resumes the same run)."""
+    steps = parse_steps(steps)
+    if not steps:
+        return Preprocessing()
+    import torch
+
+    sample = load_images(store, flt, 0, max(1, stats.images // sample_images))
+    return Preprocessing.fit(torch.as_tensor(sample).float(), steps=steps)
+
+
 def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequence[int] = (4096,),
                ks: Sequence[int] = (32,), sparsifiers: Sequence[str] = ("topk",), dataset: Sequence[str] | None = None,
                categories: Sequence[str] | None = None, split: str | None = "train", epochs: float | None = 1.0,
                token_budget: int | None = None, lr: float = 1e-3, batch_tokens: int = 4096, workers: int = 1,
                use_gpu: bool = False, cpus_per_worker: float = 1.0, data_mode: str = "auto",
                auxk: bool = True, k_aux: int | None = None, dead_tokens: int | None = None,
-               input_scaling: str = "none", checkpoint_every: int = 200, log_every: int = 50, seed: int = 0,
+               input_scaling: str = "none", preprocess: str | Sequence[str] | None = None,
+               checkpoint_every: int = 200, log_every: int = 50, seed: int = 0,
                run_name: str | None = None, storage_path: str | None = None, max_failures: int = 0,
                shuffle_buffer: int = 65536, address: str | None = None, num_cpus: int | None = None,
                _fault_at_step: int | None = None) -> list[dict]:
     """Train the (C, k, sparsifier) grid on stored tokens and register every SAE in ``sae_models``.
 
-    ``layer`` -1 means the deepest layer stored for ``backbone``. ``dead_tokens`` None scales the 10 M default
+    ``layer`` -1 means the deepest layer stored for ``backbone``. ``preprocess``: token preprocessing steps
+    (``spg_dist.sae.preprocess.STEPS``, e.g. ``"center,standardize,constant"``) fitted here on a spread of the
+    training images and recorded with every SAE; ``input_scaling="unit_mean_sq_norm"`` adds the ``scale`` step. ``dead_tokens`` None scales the 10 M default
     down to a tenth of the training tokens on small data. Returns the registered rows (without weights).
     """
     import ray
@@ -242,14 +260,11 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
     if dead_tokens is None:
         dead_tokens = int(min(10_000_000, max(batch_tokens, total_tokens // 10)))
     common = dict(auxk=auxk, k_aux=k_aux, dead_tokens=dead_tokens)
-    configs = parse_grid(Cs, ks, sparsifiers, stats.dim, **{k: v for k, v in common.items() if v is not None})
+    steps = parse_steps(preprocess) + (("scale",) if input_scaling != "none" else ())
+    pre = fit_preprocessing(store, flt, stats, steps)
+    configs = parse_grid(Cs, ks, sparsifiers, pre.out_dim(stats.dim),
+                         **{k: v for k, v in common.items() if v is not None})
     train_cfg = TrainConfig(lr=lr, batch_tokens=batch_tokens, seed=seed)
-    pre = Preprocessing()
-    if input_scaling != "none":
-        import torch
-
-        sample = load_shard(store, flt, 0, max(1, stats.images // 64))[:65536].float()
-        pre = Preprocessing.fit(torch.as_tensor(sample), mode=input_scaling)
     spec = SAERunSpec(store.uri, backbone, layer, [c.to_dict() for c in configs], train_cfg.to_dict(), pre.to_dict(),
                       flt.to_dict(), epochs, token_budget, workers, use_gpu, cpus_per_worker, data_mode,
                       checkpoint_every, log_every)
@@ -269,7 +284,7 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
     ensure_ray(address, num_cpus)
     loop_config = dict(asdict(spec), run_name=name, run_dir=run_dir, steps_per_epoch=steps_per_epoch,
                        total_steps=total, shuffle_buffer=shuffle_buffer, fault_at_step=_fault_at_step)
-    datasets = {"train": stream_dataset(store, flt)} if data_mode == "stream" else None
+    datasets = {"train": stream_dataset(store, flt, pre)} if data_mode == "stream" else None
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config, datasets=datasets,
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,

@@ -39,8 +39,8 @@ class Guides(nn.Module):
         return self.coefficients(ema) @ self.sae.W_dec
 
     def features(self, tokens: Tensor) -> Tensor:
-        """Raw tokens [..., d] -> the vectors compared with the guides."""
-        f = self.sae.preprocess(tokens).reshape(tokens.shape)  # the SAE's own preprocessing, flattened by it
+        """Raw tokens of whole images [B, h, w, d] -> the vectors compared with the guides [B, h, w, d_sae]."""
+        f = self.sae.preprocess(tokens).reshape(*tokens.shape[:-1], -1)  # the SAE's own preprocessing
         return f - self.sae.b_pre if self.config.subtract_b_pre else f
 
     def patch_probs(self, tokens: Tensor, ema: bool = False) -> Tensor:

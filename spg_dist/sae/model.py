@@ -96,7 +96,7 @@ class TopKSAE(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.preprocessing = preprocessing if preprocessing is not None else Preprocessing()
+        self.preprocessing = preprocessing if preprocessing is not None else Preprocessing()  # checked on set
         gen = generator if generator is not None else torch.Generator().manual_seed(seed)
         atoms = random_unit_rows(config.C, config.d, gen).to(device)
         self.b_pre = nn.Parameter(torch.zeros(config.d, device=device))
@@ -125,14 +125,31 @@ class TopKSAE(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.name}, d={self.d}, preprocessing={self.preprocessing}"
 
+    @property
+    def raw_dim(self) -> int:
+        """Dimension of the raw tokens this SAE reads (``d`` minus what the preprocessing appends)."""
+        return self.d - self.preprocessing.extra_dims
+
+    def _check_preprocessing(self, pre: Preprocessing) -> None:
+        raw = self.config.d - pre.extra_dims
+        if raw < 1 or (pre.mean is not None and len(pre.mean) != raw):
+            raise SAEConfigError(f"{self.name}: preprocessing ({pre.describe()}) does not fit d={self.config.d}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "preprocessing":  # a preprocessing of another input dim would silently break every stage
+            self._check_preprocessing(value)
+        super().__setattr__(name, value)
+
     def _check_tokens(self, x: Tensor) -> None:
-        if x.dim() < 1 or x.shape[-1] != self.d:
+        if x.dim() < 1 or x.shape[-1] != self.raw_dim:
             got = x.shape[-1] if x.dim() else "a scalar"
-            raise ValueError(f"token dimension {got} does not match the SAE's d={self.d} ({self.name}); "
-                             f"tokens must be [..., {self.d}]")
+            extra = f", {self.d - self.raw_dim} of them appended by its preprocessing" if self.raw_dim != self.d else ""
+            raise ValueError(f"token dimension {got} does not match the SAE's input dim {self.raw_dim} "
+                             f"({self.name}, d={self.d}{extra}); tokens must be [..., {self.raw_dim}]")
 
     def preprocess(self, x: Tensor) -> Tensor:
-        """Raw tokens ``[..., d]`` -> preprocessed float32 ``[N, d]`` (dimension checked first)."""
+        """Raw tokens ``[..., raw_dim]`` -> preprocessed float32 ``[N, d]`` (dimension checked first). With
+        per-image centring, ``x`` must be whole images ``[B, *patch_axes, raw_dim]``."""
         self._check_tokens(x)
         return self.preprocessing.apply(x).reshape(-1, self.d)
 
@@ -243,19 +260,20 @@ class TopKSAE(nn.Module):
 
     # -------------------------------------------------------------------------------------------- training aids
     @torch.no_grad()
-    def init_b_pre(self, sample: Tensor) -> None:
-        """Set ``b_pre`` from RAW tokens ``[N, d]`` per ``config.init_b_pre`` (geometric median, mean, zeros),
-        in preprocessed space (where ``b_pre`` lives)."""
+    def init_b_pre(self, sample: Tensor, preprocessed: bool = False) -> None:
+        """Set ``b_pre`` from RAW tokens (or, with ``preprocessed``, tokens already through the preprocessing,
+        ``[N, d]``) per ``config.init_b_pre`` (geometric median, mean, zeros), in preprocessed space (where
+        ``b_pre`` lives)."""
         mode = self.config.init_b_pre
         if mode == "zeros":
             self.b_pre.zero_()
             return
-        xp = self.preprocess(sample)
+        xp = sample.reshape(-1, self.d).float() if preprocessed else self.preprocess(sample)
         centre = geometric_median(xp) if mode == "geometric_median" else xp.double().mean(0)
         self.b_pre.copy_(centre.to(self.b_pre))
 
     @torch.no_grad()
-    def init_encoder_scale(self, sample: Tensor) -> float:
+    def init_encoder_scale(self, sample: Tensor, preprocessed: bool = False) -> float:
         """Scale ``W_enc`` (initialised as ``D^T``) by the factor that best reconstructs ``sample``.
 
         With ``b_enc = 0`` the codes are positively homogeneous in the encoder's scale (TopK selects the same
@@ -263,11 +281,12 @@ class TopKSAE(nn.Module):
         ``s = <x - b_pre, x0> / ||x0||^2``, ``x0`` the decoded codes at scale 1. Unit-norm encoder rows
         overshoot (k projections add up); this starts training from the best scale instead, which on the
         benchmark tokens cut the NMSE after 20 steps from 0.75 to below a peer that starts at ~0.58.
-        Returns the factor applied.
+        Returns the factor applied. ``preprocessed``: as in :meth:`init_b_pre`.
         """
-        xp = self.preprocess(sample) - self.b_pre
-        values, indices = self.encode(sample)
+        xp = sample.reshape(-1, self.d).float() if preprocessed else self.preprocess(sample)
+        values, indices, _, _ = self._encode_preprocessed(xp)
         x0 = self.decode(values, indices) - self.b_pre
+        xp = xp - self.b_pre
         denom = float(x0.pow(2).sum())
         if denom <= 0 or not torch.isfinite(torch.tensor(denom)):
             return 1.0

@@ -38,8 +38,10 @@ class NonFiniteLossError(RuntimeError):
 class MultiSAE(nn.Module):
     """The SAEs of one training pass as one module (what DDP wraps).
 
-    ``forward(x, dead_masks) -> (total_loss, [SAEOutput])``: raw tokens in; the preprocessing is applied once
-    when all SAEs share it (the usual case), else per SAE. Every parameter of every SAE takes part in every
+    ``forward(x, dead_masks, preprocessed=False) -> (total_loss, [SAEOutput])``: raw tokens in (the
+    preprocessing is applied once when all SAEs share it, the usual case, else per SAE), or with
+    ``preprocessed`` tokens the data loader already sent through the shared preprocessing (needed when a step
+    such as per-image centring must see whole images, which a shuffled batch no longer is). Every parameter of every SAE takes part in every
     forward (DDP requires it; the sparse backward still returns dense, mostly-zero gradients).
     """
 
@@ -56,12 +58,18 @@ class MultiSAE(nn.Module):
     def __getitem__(self, i: int) -> TopKSAE:
         return self.saes[i]
 
-    def forward(self, x: Tensor, dead_masks: Sequence[Tensor | None] | None = None) -> tuple[Tensor, list[SAEOutput]]:
+    def forward(self, x: Tensor, dead_masks: Sequence[Tensor | None] | None = None,
+                preprocessed: bool = False) -> tuple[Tensor, list[SAEOutput]]:
         saes: list[TopKSAE] = list(self.saes)
         masks = list(dead_masks) if dead_masks is not None else [None] * len(saes)
         if len(masks) != len(saes):
             raise ValueError(f"got {len(masks)} dead masks for {len(saes)} SAEs")
-        if all(s.preprocessing == saes[0].preprocessing for s in saes):
+        shared = all(s.preprocessing == saes[0].preprocessing for s in saes)
+        if preprocessed:
+            if not shared:
+                raise ValueError("preprocessed input needs SAEs that share one preprocessing")
+            outs = [sae.forward_preprocessed(x, m) for sae, m in zip(saes, masks)]
+        elif shared:
             xp = saes[0].preprocess(x)
             outs = [sae.forward_preprocessed(xp, m) for sae, m in zip(saes, masks)]
         else:
@@ -157,30 +165,41 @@ class MultiSAETrainer:
 
     # ---------------------------------------------------------------------------------------------- training
     @torch.no_grad()
-    def init_from_sample(self, x: Tensor, max_tokens: int = 65_536) -> None:
+    def init_from_sample(self, x: Tensor, max_tokens: int = 65_536, preprocessed: bool = False) -> None:
         """Initialise from RAW tokens ``[N, d]`` (the first ``max_tokens`` rows; pass a shuffled sample):
         fit the preprocessing if none was given, then set every SAE's ``b_pre`` per its ``init_b_pre`` and
-        its encoder scale (``TopKSAE.init_encoder_scale``).
+        its encoder scale (``TopKSAE.init_encoder_scale``). ``preprocessed``: ``x`` already went through the
+        trainer's (explicit) preprocessing, as :meth:`step`'s ``preprocessed``.
 
         Every worker must pass the same sample (or the trainer an explicit Preprocessing): the scale is a
         Python float, not a tensor DDP would broadcast.
         """
-        for sae in self.saes:
-            sae._check_tokens(x)
-        x = x.reshape(-1, x.shape[-1])[:max_tokens].to(self.device)
-        if self.fit_preprocessing:
-            self.preprocessing = Preprocessing.fit(x, self.train_config.scale_mode)
+        if preprocessed:
+            if self.fit_preprocessing:
+                raise ValueError("init_from_sample(preprocessed=True) needs an explicit Preprocessing")
+            x = x.reshape(-1, self.configs[0].d)[:max_tokens].to(self.device)
+        else:
             for sae in self.saes:
-                sae.preprocessing = self.preprocessing
-        centres: dict[tuple[str, Preprocessing], Tensor] = {}
+                sae._check_tokens(x)
+            if not self.preprocessing.needs_images:  # loose tokens: keep the first max_tokens rows
+                x = x.reshape(-1, x.shape[-1])[:max_tokens]
+            x = x.to(self.device)
+            if self.fit_preprocessing:
+                self.preprocessing = Preprocessing.fit(x, self.train_config.scale_mode)
+                for sae in self.saes:
+                    sae.preprocessing = self.preprocessing
+            if any(sae.preprocessing != self.preprocessing for sae in self.saes):
+                raise ValueError("init_from_sample: the SAEs of one trainer must share its preprocessing")
+            x = self.saes[0].preprocess(x)[:max_tokens]
+        centres: dict[str, Tensor] = {}
         for sae in self.saes:
-            key = (sae.config.init_b_pre, sae.preprocessing)
+            key = sae.config.init_b_pre
             if key not in centres:
-                sae.init_b_pre(x)
+                sae.init_b_pre(x, preprocessed=True)
                 centres[key] = sae.b_pre.detach().clone()
             else:
                 sae.b_pre.copy_(centres[key])
-            sae.init_encoder_scale(x[:8192])
+            sae.init_encoder_scale(x[:8192], preprocessed=True)
         self.initialized = True
 
     def _check_ready(self) -> None:
@@ -193,8 +212,9 @@ class MultiSAETrainer:
         self.initialized = True
 
     def step(self, x: Tensor, fired_reduce: Callable[[Tensor], Tensor] | None = None,
-             world_size: int = 1) -> list[dict[str, Any]]:
-        """One optimisation step of every SAE on RAW tokens ``x [N, d]``; returns one metrics dict per SAE.
+             world_size: int = 1, preprocessed: bool = False) -> list[dict[str, Any]]:
+        """One optimisation step of every SAE on RAW tokens ``x [N, d]`` (or, with ``preprocessed``, tokens
+        the loader already sent through the trainer's preprocessing); returns one metrics dict per SAE.
 
         Order: forward (through the wrapped module), finiteness check, backward, remove parallel decoder
         grads, Adam step, renormalise atoms, tracker update. ``world_size``: workers taking this step with
@@ -217,7 +237,7 @@ class MultiSAETrainer:
         # buffers the forward updates (BatchTopK threshold EMA): restored if the step is rejected
         self._buffers_before = [[b.detach().clone() for b in sae.buffers()] for sae in self.saes]
         with self._autocast():
-            total, outs = module(x, [m if cfg.auxk else None for m, cfg in zip(masks, self.configs)])
+            total, outs = module(x, [m if cfg.auxk else None for m, cfg in zip(masks, self.configs)], preprocessed)
         with torch.no_grad():
             rows = [torch.stack([o.loss.float(), o.fvu.float(), explained_variance(o.x, o.x_hat),
                                  l0(o.values), o.aux_loss.float(), o.total.float(), m.float().mean()])

@@ -24,6 +24,16 @@ def sae_row(store: Store, sae_id: str, with_weights: bool = True) -> dict[str, A
     return tbl.to_pylist()[0]
 
 
+def raw_token_dim(row: dict[str, Any]) -> int:
+    """Dimension of the stored tokens an SAE reads: its ``d`` minus what its recorded preprocessing appends."""
+    import json
+
+    from spg_dist.sae import Preprocessing
+
+    pre = Preprocessing.from_dict(json.loads(row["config"]).get("preprocessing"))
+    return int(row["d"]) - pre.extra_dims
+
+
 def list_saes(store: Store) -> list[dict[str, Any]]:
     return store.read("sae_models", columns=["sae_id", "backbone", "layer", "C", "k", "sparsifier", "nmse", "l0",
                                              "dead_fraction", "steps"]).to_pylist()
