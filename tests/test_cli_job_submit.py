@@ -36,9 +36,13 @@ def head_node(tmp_path):
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"]}  # job drivers use this python
     env.pop("RAY_ADDRESS", None)
     env["RAY_AUTH_MODE"] = "token"  # Ray 2.60 secures new clusters with a token (~/.ray/auth_token); clients must opt in
-    port, dash = _free_port(), _free_port()
+    port, dash, agent, agent_grpc, runtime_agent, metrics = (_free_port() for _ in range(6))
+    # every port explicit: the session's Ray (other tests) already holds the agent defaults (52365, ...), and a
+    # head whose job agent cannot bind answers every submission with "No available agent"
     proc = subprocess.Popen([os.path.join(bindir, "ray"), "start", "--head", "--block", f"--port={port}",
                              "--num-cpus=2", "--include-dashboard=true", f"--dashboard-port={dash}",
+                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--runtime-env-agent-port={runtime_agent}", f"--metrics-export-port={metrics}",
                              "--disable-usage-stats"], env=env, cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dash}"

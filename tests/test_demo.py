@@ -12,6 +12,8 @@ import pytest
 from spg_dist.distributed.demo import run_demo
 from spg_dist.store import Store
 
+pytestmark = pytest.mark.timeout(300)  # the shared fixture below is one whole small demo (~55-100 s here)
+
 SMALL = dict(n_train=4, n_test_good=2, n_test_bad=3, categories=None)
 
 

@@ -1,0 +1,15 @@
+"""The ``spg`` command: one subcommand per stage (DESIGN.md's CLI contract), one module per stage.
+
+Subcommands import their stage lazily so ``spg --help`` is instant, and every expected failure (bad path,
+unknown backbone, mismatched weights) is one line on stderr with a non-zero exit, never a traceback.
+``jobs/*.py`` reuse the commands (``extract_cmd`` ...) so a submitted job takes exactly the CLI's options.
+"""
+
+from spg_dist.cli.base import DEFAULT_STORE, main
+from spg_dist.cli.data import extract_cmd, run_extract
+from spg_dist.cli.demo import demo_cmd
+from spg_dist.cli.stage1 import encode_cmd, train_sae_cmd
+from spg_dist.cli.stage2 import evaluate_cmd, train_guides_cmd
+
+__all__ = ["DEFAULT_STORE", "demo_cmd", "encode_cmd", "evaluate_cmd", "extract_cmd", "main", "run_extract",
+           "train_guides_cmd", "train_sae_cmd"]

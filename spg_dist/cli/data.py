@@ -1,0 +1,121 @@
+"""``spg datasets``, ``spg extract``, ``spg backbones``, ``spg store``: getting images in and seeing what is there."""
+
+from __future__ import annotations
+
+
+import click
+
+from spg_dist.cli.base import DEFAULT_STORE, _apply, _int_list, _str_list, main
+
+
+@main.group()
+def datasets() -> None:
+    """Create and inspect datasets."""
+
+
+@datasets.command("synth")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the dataset into.")
+@click.option("--layout", type=click.Choice(["mvtec", "visa"]), default="mvtec", show_default=True,
+              help="Directory layout to write (categories are disjoint between the two layouts).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed: same seed, same bytes.")
+@click.option("--image-size", type=int, default=224, show_default=True, help="Side of the square images.")
+@click.option("--n-train", type=int, default=None, help="Normal training images per category (default: generator's).")
+@click.option("--n-test-good", type=int, default=None, help="Normal test images per category.")
+@click.option("--n-test-bad", type=int, default=None, help="Defective test images per category.")
+@click.option("--category", "categories", multiple=True, callback=_str_list,
+              help="Only these categories (repeat or comma-separate).")
+def synth_cmd(out, layout, seed, image_size, n_train, n_test_good, n_test_bad, categories) -> None:
+    """Write a synthetic anomaly-detection dataset from images that ship with scikit-image/scikit-learn/matplotlib,
+    with scratches, cracks, holes, stains, cut-paste and colour defects and exact pixel masks."""
+    from spg_dist.data.synth import synthesize
+
+    kwargs = {k: v for k, v in dict(n_train=n_train, n_test_good=n_test_good, n_test_bad=n_test_bad,
+                                    categories=categories).items() if v is not None}
+    path = synthesize(out, layout=layout, seed=seed, image_size=image_size, **kwargs)
+    from spg_dist.data.spec import list_records
+
+    recs = list_records(f"{layout}:{path}")
+    cats = sorted({r.category for r in recs})
+    click.echo(f"wrote {len(recs)} images ({sum(r.label == 1 for r in recs)} defective) in {len(cats)} categories "
+               f"({', '.join(cats)}) to {path}; use it as --dataset {layout}:{path}")
+
+
+def extract_options(f):
+    """Options of ``spg extract``, shared with ``jobs/extract.py`` (one definition, one --help)."""
+    opts = [
+        click.option("--dataset", required=True,
+                     help="LAYOUT:PATH[@NAME] with LAYOUT mvtec, visa or folder, e.g. mvtec:/data/mvtec_ad. NAME "
+                          "(default: the folder's name) prefixes every image_id."),
+        click.option("--backbone", default="tiny-dinov3", show_default=True,
+                     help="Registry name (see `spg backbones`), e.g. dinov3-vitl16, dinov2-vitl14, siglip-l16-384, "
+                          "openclip-vitl14-336; tiny-* are untrained test models; NAME@random is the real "
+                          "architecture with random weights (for speed tests)."),
+        click.option("--weights", default=None,
+                     help="Hub id or local path of the weights (HF: a save_pretrained folder; OpenCLIP: a checkpoint "
+                          "file or pretrained tag; 'random': seeded random init). Default: the registry's hub id "
+                          "(offline that needs a local Hugging Face cache)."),
+        click.option("--store", default=DEFAULT_STORE, show_default=True,
+                     help="Store URI: a local folder or s3://… / gs://…"),
+        click.option("--layers", default=None, callback=_int_list,
+                     help="Comma-separated transformer blocks to store (1-based; -1 = last). Default: last."),
+        click.option("--image-size", type=int, default=None,
+                     help="Resize images to this square side. Default: the backbone's (448 DINOv3, 518 OpenCLIP L)."),
+        click.option("--category", "categories", multiple=True, callback=_str_list,
+                     help="Only these categories (repeat or comma-separate)."),
+        click.option("--backbone-id", default=None,
+                     help="Id the rows are keyed by. Default: the backbone name, plus @<weights folder> with --weights."),
+        click.option("--batch-size", type=int, default=16, show_default=True, help="Images per backbone call."),
+        click.option("--actors", "num_actors", type=int, default=1, show_default=True,
+                     help="Backbone actors in the pool (one model copy each)."),
+        click.option("--gpus-per-actor", type=float, default=None,
+                     help="GPUs per actor. Default: 1 when the cluster has GPUs, else CPU actors."),
+        click.option("--cpus-per-actor", type=float, default=1.0, show_default=True,
+                     help="CPUs (and torch threads) per CPU actor."),
+        click.option("--commit-every", "commit_every_s", type=float, default=30.0, show_default=True,
+                     help="Seconds between commits of written fragments (what a crash can lose)."),
+        click.option("--address", default=None,
+                     help="Ray cluster address (default: RAY_ADDRESS, as set by `ray job submit`, else a local Ray)."),
+        click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    return _apply(opts, f)
+
+
+@main.command("extract")
+@extract_options
+def extract_cmd(quiet: bool, **kwargs) -> None:
+    """Extract patch tokens of a dataset into the store with a Ray Data pipeline (decode on CPU tasks, a pool of
+    backbone actors, parallel Lance fragment writers). Re-running writes only what is missing."""
+    run_extract(quiet=quiet, **kwargs)
+
+
+def run_extract(quiet: bool = False, **kwargs) -> None:
+    from spg_dist.distributed.extract import extract
+
+    result = extract(progress=not quiet, **kwargs)
+    for e in result.errors:
+        click.echo(f"warning: {e['stage']} {e['image_id']}: {e['reason']}", err=True)
+    click.echo(result.summary())
+
+
+@main.command("backbones")
+def backbones_cmd() -> None:
+    """List the backbone registry."""
+    from spg_dist.backbones import get_config, list_backbones
+
+    for name in list_backbones():
+        c = get_config(name)
+        h, w = c.grid
+        click.echo(f"{name:22s} {c.family:17s} {c.image_size:4d}px grid {h}x{w} d={c.dim:<5d} {c.num_layers:2d} layers "
+                   f"{'(untrained, for tests)' if c.untrained else c.source}")
+
+
+@main.command("store")
+@click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store URI.")
+def store_cmd(store: str) -> None:
+    """Show the store's tables, row counts and schema versions."""
+    from spg_dist.store import Store, known_tables
+
+    s = Store(store)
+    for name in known_tables():
+        click.echo(f"{name:14s} {s.count(name):>10d} rows" if s.has_table(name) else f"{name:14s}          -")
