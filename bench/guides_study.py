@@ -22,7 +22,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from spg_dist.distributed.stage2 import MASK_SCALE, _load_masks, _mask_uris
+from spg_dist.distributed.eval_io import MASK_SCALE, load_masks, mask_uris
+from spg_dist.distributed.sae_data import memory_batches
 from spg_dist.evaluation import evaluate_category, mean_over_categories
 from spg_dist.guides import GuideConfig
 from spg_dist.guides.scoring import image_scores, upsample
@@ -57,7 +58,7 @@ class Data:
             meta, toks = load_tokens(self.store, self.backbone, self.layer, dataset=dataset,
                                      **({"split": split} if split else {}))
             size = MASK_SCALE * max(toks.shape[1:3])
-            masks = _load_masks(meta.column("image_id").to_pylist(), _mask_uris(self.store, [dataset]), size)
+            masks = load_masks(meta.column("image_id").to_pylist(), mask_uris(self.store, [dataset]), size)
             self.cache[dataset, split] = (meta, torch.from_numpy(toks.astype(np.float32)), torch.from_numpy(masks))
         return self.cache[dataset, split]
 
@@ -74,13 +75,12 @@ def fit_sae(toks: torch.Tensor, steps: str, free: bool, seed: int, C: int, k: in
         return sae.eval()
     trainer = MultiSAETrainer([SAEConfig(d=dim, C=C, k=k, dead_tokens=5000)],
                               TrainConfig(lr=1e-3, batch_tokens=1024, seed=seed), pre)
-    xp = pre.apply(images).reshape(-1, dim)
+    xp = pre.apply(images).reshape(-1, dim)  # what the Ray workers' loaders do, per image, before shuffling
     g = torch.Generator().manual_seed(seed)
     trainer.init_from_sample(xp[torch.randperm(len(xp), generator=g)[:65536]], preprocessed=True)
-    for _ in range(epochs):
-        order = torch.randperm(len(xp), generator=g)
-        for b in range(len(xp) // 1024):
-            trainer.step(xp[order[b * 1024:(b + 1) * 1024]], preprocessed=True)
+    for epoch in range(epochs):
+        for batch in memory_batches(xp, 1024, epoch, seed):
+            trainer.step(batch, preprocessed=True)
     return trainer.saes[0].eval()
 
 
@@ -88,13 +88,8 @@ def run_direction(data: Data, aux: str, target: str, steps: str, cfg: GuideConfi
                   C: int, k: int, epochs: int) -> dict[str, float]:
     _, toks, masks = data.get(aux)
     sae = fit_sae(toks, steps, free, seed, C, k, epochs)
-    cfg = replace(cfg, seed=seed)
-    trainer = GuideTrainer(sae, cfg)
-    rng = np.random.default_rng(seed)
-    b = min(cfg.batch_images, len(toks))
-    for _ in range(cfg.steps):
-        pick = np.sort(rng.choice(len(toks), size=b, replace=False))
-        trainer.step(toks[pick], masks[pick])
+    trainer = GuideTrainer(sae, replace(cfg, seed=seed))
+    trainer.fit(toks, masks)
     meta, test, test_masks = data.get(target, "test")
     with torch.no_grad():
         maps = upsample(trainer.guides.patch_probs(test, ema=True), test_masks.shape[-1])

@@ -11,8 +11,10 @@ import pandas as pd
 import torch
 
 from spg_dist.detectors import KNNDetector, MuScDetector, image_score
-from spg_dist.distributed.stage2 import MASK_SCALE, NoTargetDataError, _grid, _load_masks, _mask_uris, _now
-from spg_dist.evaluation import METRICS, evaluate_category, mean_over_categories
+from spg_dist.distributed.eval_io import (MASK_SCALE, load_masks, mask_uris, results_frame, token_grid,
+                                          write_eval_results)
+from spg_dist.distributed.stage2 import NoTargetDataError
+from spg_dist.evaluation import evaluate_category, mean_over_categories
 from spg_dist.guides import upsample
 from spg_dist.store import Store, load_tokens
 
@@ -21,11 +23,11 @@ def evaluate_baseline(store: Store | str, backbone: str, layer: int, target_data
                       k_shot: int = 4, mask_size: int | None = None, run: str | None = None) -> pd.DataFrame:
     """Per-category and mean image AUROC/AP, pixel AUROC and AUPRO of a training-free detector on the test split."""
     store = store if isinstance(store, Store) else Store(store)
-    grid = _grid(store, backbone, layer, dataset=target_dataset, split="test")
+    grid = token_grid(store, backbone, layer, dataset=target_dataset, split="test")
     if grid is None:
         raise NoTargetDataError(f"no test-split tokens of {backbone} layer {layer} for {target_dataset!r}")
     mask_size = int(mask_size or MASK_SCALE * max(grid))
-    uris = _mask_uris(store, [target_dataset])
+    uris = mask_uris(store, [target_dataset])
     meta, toks = load_tokens(store, backbone, layer, dataset=target_dataset, split="test")
     cats = np.asarray(meta.column("category").to_pylist())
     ids = np.asarray(meta.column("image_id").to_pylist())
@@ -42,16 +44,10 @@ def evaluate_baseline(store: Store | str, backbone: str, layer: int, target_data
         else:
             raise ValueError(f"unknown baseline {detector!r}; use knn or musc")
         maps = upsample(torch.from_numpy(patch), mask_size).numpy()
-        results[cat] = evaluate_category(labels[sel], image_score(patch), _load_masks(list(ids[sel]), uris, mask_size),
+        results[cat] = evaluate_category(labels[sel], image_score(patch), load_masks(list(ids[sel]), uris, mask_size),
                                          maps)
     results["mean"] = mean_over_categories(results)
     name = f"{detector}-{k_shot}shot" if detector == "knn" else detector
     run = run or f"{backbone}/L{layer}/{name}"
-    now = _now()
-    store.upsert("eval_results", [dict(run=run, detector=name, guide_id="", sae_id="", aux_dataset="",
-                                       target_dataset=target_dataset, category=cat, metric=m, value=float(r[m]),
-                                       pooling="top1%", created_at=now)
-                                  for cat, r in results.items() for m in METRICS])
-    df = pd.DataFrame.from_dict(results, orient="index")[list(METRICS)]
-    df.index.name = "category"
-    return df
+    write_eval_results(store, results, run=run, detector=name, target_dataset=target_dataset, pooling="top1%")
+    return results_frame(results)

@@ -12,7 +12,6 @@ Both stages are small (two coefficient vectors; one forward per image), so they 
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 from pathlib import Path
@@ -23,15 +22,15 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from spg_dist.data.imageio import load_mask
-from spg_dist.evaluation import METRICS, evaluate_category, mean_over_categories
+from spg_dist.distributed.eval_io import (MASK_SCALE, load_masks, mask_uris, results_frame, token_grid, utc_now,
+                                          write_eval_results)
+from spg_dist.evaluation import evaluate_category, mean_over_categories
 from spg_dist.guides import GuideConfig, GuideTrainer, Guides, image_scores, parse_pooling, upsample
 from spg_dist.store.connection import Store
 from spg_dist.store.sae_models import load_sae, sae_row
 from spg_dist.store.tokens import iter_tokens, load_tokens, sql_literal, where_clause
 
 DETECTOR = "spg"
-MASK_SCALE = 4  # default mask side = token grid side × 4: small and fast, enough for bilinear maps to matter
 
 
 class NoAuxiliaryDataError(LookupError):
@@ -50,45 +49,12 @@ class CategoryOverlapError(ValueError):
     """Target categories also appear in the auxiliary data: not a zero-shot evaluation (pass allow_overlap)."""
 
 
-def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
-
-
 def _datasets(aux_dataset: str | Sequence[str]) -> list[str]:
     names = [aux_dataset] if isinstance(aux_dataset, str) else list(aux_dataset)
     names = sorted(dict.fromkeys(names))
     if not names or any(not isinstance(n, str) or not n for n in names):
         raise ValueError(f"aux_dataset must be a dataset name or a non-empty list of names, got {aux_dataset!r}")
     return names
-
-
-def _grid(store: Store, backbone: str, layer: int, **filters: Any) -> tuple[int, int] | None:
-    """(grid_h, grid_w) of the matching token rows (cheap metadata read), or None when there are none."""
-    if not store.has_table("patch_tokens"):
-        return None
-    where = where_clause(backbone=backbone, layer=layer, **filters)
-    tbl = store.read("patch_tokens", where=where, columns=["grid_h", "grid_w"])
-    if tbl.num_rows == 0:
-        return None
-    shapes = set(zip(tbl.column("grid_h").to_pylist(), tbl.column("grid_w").to_pylist()))
-    if len(shapes) != 1:
-        raise ValueError(f"token rows of {backbone} L{layer} {filters} have several grids {sorted(shapes)}")
-    return shapes.pop()
-
-
-def _mask_uris(store: Store, datasets: Sequence[str]) -> dict[str, str]:
-    tbl = store.read("images", where=where_clause(dataset=list(datasets)), columns=["image_id", "mask_uri"])
-    return dict(zip(tbl.column("image_id").to_pylist(), tbl.column("mask_uri").to_pylist()))
-
-
-def _load_masks(image_ids: Sequence[str], uris: dict[str, str], size: int) -> np.ndarray:
-    """[N, size, size] uint8 masks; an image with no mask (or no ``images`` row) is all-normal."""
-    out = np.zeros((len(image_ids), size, size), np.uint8)
-    for i, image_id in enumerate(image_ids):
-        uri = uris.get(image_id, "")
-        if uri:
-            out[i] = load_mask(uri, size)
-    return out
 
 
 def guide_id_for(sae_id: str, aux_datasets: Sequence[str], config: GuideConfig, mask_size: int) -> str:
@@ -117,7 +83,7 @@ def train_guides(store: Store | str, sae_id: str, aux_dataset: str | list[str], 
     aux = _datasets(aux_dataset)
     meta_row = sae_row(store, sae_id, with_weights=False)
     backbone, layer = meta_row["backbone"], int(meta_row["layer"])
-    grid = _grid(store, backbone, layer, dataset=aux)
+    grid = token_grid(store, backbone, layer, dataset=aux)
     if grid is None:
         raise NoAuxiliaryDataError(f"no patch tokens of {backbone} layer {layer} for auxiliary dataset(s) "
                                    f"{'+'.join(aux)} in {store.uri}; extract them first (`spg extract`)")
@@ -129,7 +95,7 @@ def train_guides(store: Store | str, sae_id: str, aux_dataset: str | list[str], 
     meta, toks = load_tokens(store, backbone, layer, dataset=aux)
     ids = meta.column("image_id").to_pylist()
     labels = np.asarray(meta.column("label").to_pylist())
-    masks = _load_masks(ids, _mask_uris(store, aux), mask_size)
+    masks = load_masks(ids, mask_uris(store, aux), mask_size)
     if not ((labels == 1) & masks.reshape(len(ids), -1).any(1)).any():
         raise NoAuxiliaryDataError(f"auxiliary dataset(s) {'+'.join(aux)} have no anomalous image with a "
                                    f"non-empty mask ({len(ids)} images); guides need pixel labels")
@@ -138,25 +104,25 @@ def train_guides(store: Store | str, sae_id: str, aux_dataset: str | list[str], 
     sae = load_sae(store, sae_id, device=device)
     trainer = GuideTrainer(sae, config)
     trainer.guides.to(device)
-    rng = np.random.default_rng(config.seed)
-    n, b = len(ids), min(config.batch_images, len(ids))
-    bar = tqdm(range(config.steps), desc=f"guides {'+'.join(aux)}", disable=not progress)
-    for _ in bar:
-        pick = np.sort(rng.choice(n, size=b, replace=False))
-        row = trainer.step(torch.from_numpy(toks[pick].astype(np.float32)).to(device),
-                           torch.from_numpy(masks[pick]).to(device))
+    bar = tqdm(total=config.steps, desc=f"guides {'+'.join(aux)}", disable=not progress)
+
+    def show(row: dict[str, Any]) -> None:
+        bar.update()
         bar.set_postfix(loss=f"{row['loss']:.4f}", active_A=row["active_anomaly"])
+
+    trainer.fit(toks, masks, device, on_step=show)
+    bar.close()
 
     z = trainer.guides.coefficients(ema=True).detach().float().cpu()
     (ni, nv), (ai, av) = _sparse(z[0]), _sparse(z[1])
     stored = dict(
         guide_id=guide_id, sae_id=sae_id, aux_dataset="+".join(aux),
         config=json.dumps({"guide": config.to_dict(), "mask_size": mask_size, "backbone": backbone, "layer": layer,
-                           "aux_images": n}, sort_keys=True),
+                           "aux_images": len(ids)}, sort_keys=True),
         normal_indices=pa.array(ni, pa.int32()), normal_values=pa.array(nv, pa.float32()),
         anomaly_indices=pa.array(ai, pa.int32()), anomaly_values=pa.array(av, pa.float32()),
         active_normal=len(ni), active_anomaly=len(ai), steps=trainer.step_count,
-        curve=json.dumps(trainer.curve), created_at=_now())
+        curve=json.dumps(trainer.curve), created_at=utc_now())
     table = pa.table({k: ([v] if not isinstance(v, pa.Array) else pa.array([v.to_pylist()], pa.large_list(v.type)))
                       for k, v in stored.items()})
     store.upsert("guides", table)
@@ -268,7 +234,7 @@ def evaluate(store: Store | str, guide_id: str, target_dataset: str, pooling: st
     backbone, layer = sae_meta["backbone"], int(sae_meta["layer"])
     aux = row["aux_dataset"].split("+")
 
-    grid = _grid(store, backbone, layer, dataset=target_dataset, split="test")
+    grid = token_grid(store, backbone, layer, dataset=target_dataset, split="test")
     if grid is None:
         raise NoTargetDataError(f"no test-split patch tokens of {backbone} layer {layer} for target dataset "
                                 f"{target_dataset!r} in {store.uri}; extract them first (`spg extract`)")
@@ -279,7 +245,7 @@ def evaluate(store: Store | str, guide_id: str, target_dataset: str, pooling: st
                                    f"{row['aux_dataset']!r} of {guide_id}: not zero-shot; pass allow_overlap=True (--allow-overlap) "
                                    f"to evaluate anyway")
     mask_size = int(mask_size or MASK_SCALE * max(grid))
-    uris = _mask_uris(store, [target_dataset])
+    uris = mask_uris(store, [target_dataset])
 
     per: dict[str, dict[str, list]] = {}
     for meta, toks in iter_tokens(store, backbone, layer, dataset=target_dataset, split="test",
@@ -289,7 +255,7 @@ def evaluate(store: Store | str, guide_id: str, target_dataset: str, pooling: st
         maps = upsample(p, mask_size)
         scores = image_scores(maps, pooling).cpu().numpy()
         maps = maps.cpu().numpy().astype(np.float32)
-        masks = _load_masks(ids, uris, mask_size)
+        masks = load_masks(ids, uris, mask_size)
         for i, (cat, label) in enumerate(zip(meta.column("category").to_pylist(), meta.column("label").to_pylist())):
             d = per.setdefault(cat, {"ids": [], "labels": [], "scores": [], "masks": [], "maps": []})
             d["ids"].append(ids[i])
@@ -303,13 +269,9 @@ def evaluate(store: Store | str, guide_id: str, target_dataset: str, pooling: st
                for cat, d in sorted(per.items())}
     results["mean"] = mean_over_categories({c: r for c, r in results.items()})
     run = run or f"{guide_id}@{pooling}"
-    now = _now()
-    store.upsert("eval_results", [dict(run=run, detector=DETECTOR, guide_id=guide_id, sae_id=row["sae_id"],
-                                       aux_dataset=row["aux_dataset"], target_dataset=target_dataset, category=cat,
-                                       metric=m, value=float(r[m]), pooling=pooling, created_at=now)
-                                  for cat, r in results.items() for m in METRICS])
-    df = pd.DataFrame.from_dict(results, orient="index")[list(METRICS)]
-    df.index.name = "category"
+    write_eval_results(store, results, run=run, detector=DETECTOR, target_dataset=target_dataset, pooling=pooling,
+                       guide_id=guide_id, sae_id=row["sae_id"], aux_dataset=row["aux_dataset"])
+    df = results_frame(results)
     df.attrs.update(run=run, guide_id=guide_id, target_dataset=target_dataset, pooling=pooling, mask_size=mask_size,
                     train_mask_size=info.get("mask_size"))
     sweep = None

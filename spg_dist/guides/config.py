@@ -10,8 +10,8 @@ NONNEG = ("relu", "topk")
 PRESET_PREPROCESSING = {"paper": "none", "classical": "standardize,constant"}
 """The SAE token preprocessing each guide preset is meant for (``spg train-sae --preprocess``). The paper feeds
 ViT tokens as they are. On the classical encoder, per-dimension standardisation + the appended constant (see
-``spg_dist.sae.preprocess``) lifted the weak demo direction (textures -> objects) from 0.700 to 0.724 pixel
-AUROC (3 seeds) at a cost of 0.026 in the strong one; per-image centring lowered both there (README, "Token
+``spg_dist.sae.preprocess``) lifted the weak demo direction (textures -> objects) from 0.698 to 0.723 pixel
+AUROC (3 seeds) at a cost of 0.024 in the strong one; per-image centring lowered both there (README, "Token
 preprocessing")."""
 LOSSES = ("focal_dice", "bce_dice")
 

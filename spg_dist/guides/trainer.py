@@ -6,8 +6,9 @@ Adam on (z̄_N, z̄_A) only; an EMA of the coefficients is what evaluation uses.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,3 +54,18 @@ class GuideTrainer:
         row = {"step": self.step_count, **parts, "active_normal": n_normal, "active_anomaly": n_anomaly}
         self.curve.append(row)
         return row
+
+    def fit(self, tokens: np.ndarray | Tensor, masks: np.ndarray | Tensor, device: str | torch.device = "cpu",
+            on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """``config.steps`` steps on random batches of ``config.batch_images`` images (seeded by ``config.seed``,
+        sorted indices, without replacement). ``tokens [N, h, w, d]`` and ``masks [N, H, W]`` may stay fp16/uint8
+        NumPy on the host: only each batch is converted and moved to ``device``. ``on_step`` sees every step's row
+        (a progress bar's postfix)."""
+        rng = np.random.default_rng(self.config.seed)
+        n = len(tokens)
+        b = min(self.config.batch_images, n)
+        for _ in range(self.config.steps):
+            pick = np.sort(rng.choice(n, size=b, replace=False))
+            row = self.step(torch.as_tensor(tokens[pick]).float().to(device), torch.as_tensor(masks[pick]).to(device))
+            if on_step is not None:
+                on_step(row)

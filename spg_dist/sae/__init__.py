@@ -9,7 +9,8 @@ Modules, one job each:
   model        TopKSAE (+ SAEOutput), safetensors save/load
   tracker      DeadLatentTracker (dead latents, firing counts, merging across workers)
   metrics      nmse, explained_variance, l0, firing-frequency histogram PNG
-  trainer      MultiSAE, MultiSAETrainer (several SAEs, one pass), NonFiniteLossError
+  multi        MultiSAE: the SAEs of one pass as one module (what DDP wraps)
+  trainer      MultiSAETrainer (several SAEs, one pass), NonFiniteLossError
   checkpoint   trainer checkpoints as safetensors + JSON
   serialization safetensors bytes/files with JSON metadata
 """
@@ -21,7 +22,8 @@ from spg_dist.sae.metrics import explained_variance, firing_frequency_histogram_
 from spg_dist.sae.model import SAEOutput, TopKSAE
 from spg_dist.sae.preprocess import Preprocessing
 from spg_dist.sae.tracker import DeadLatentTracker
-from spg_dist.sae.trainer import MultiSAE, MultiSAETrainer, NonFiniteLossError
+from spg_dist.sae.multi import MultiSAE
+from spg_dist.sae.trainer import MultiSAETrainer, NonFiniteLossError
 
 __all__ = [
     "DeadLatentTracker",

@@ -259,6 +259,9 @@ class TopKSAE(nn.Module):
         self.threshold.copy_(torch.where(ok, ema, old))
 
     # -------------------------------------------------------------------------------------------- training aids
+    def _sample(self, sample: Tensor, preprocessed: bool) -> Tensor:
+        return sample.reshape(-1, self.d).float() if preprocessed else self.preprocess(sample)
+
     @torch.no_grad()
     def init_b_pre(self, sample: Tensor, preprocessed: bool = False) -> None:
         """Set ``b_pre`` from RAW tokens (or, with ``preprocessed``, tokens already through the preprocessing,
@@ -268,7 +271,7 @@ class TopKSAE(nn.Module):
         if mode == "zeros":
             self.b_pre.zero_()
             return
-        xp = sample.reshape(-1, self.d).float() if preprocessed else self.preprocess(sample)
+        xp = self._sample(sample, preprocessed)
         centre = geometric_median(xp) if mode == "geometric_median" else xp.double().mean(0)
         self.b_pre.copy_(centre.to(self.b_pre))
 
@@ -283,7 +286,7 @@ class TopKSAE(nn.Module):
         benchmark tokens cut the NMSE after 20 steps from 0.75 to below a peer that starts at ~0.58.
         Returns the factor applied. ``preprocessed``: as in :meth:`init_b_pre`.
         """
-        xp = sample.reshape(-1, self.d).float() if preprocessed else self.preprocess(sample)
+        xp = self._sample(sample, preprocessed)
         values, indices, _, _ = self._encode_preprocessed(xp)
         x0 = self.decode(values, indices) - self.b_pre
         xp = xp - self.b_pre
