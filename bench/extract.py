@@ -57,8 +57,8 @@ def main() -> None:
 
     from spg_dist.data.spec import list_records
     from spg_dist.data.synth import synthesize
-    from spg_dist.distributed.extract import extract
-    from spg_dist.distributed.runtime import ensure_ray
+    from spg_dist.ray.extract import extract
+    from spg_dist.ray.runtime import ensure_ray
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_extract_"))
     per_cat = max(1, args.images // 6)
@@ -78,7 +78,7 @@ def main() -> None:
         bare.append(bare_loop(records, args.backbone, args.weights, args.image_size, args.batch_size, args.device))
         store = work / f"store_{rep}"
         shutil.rmtree(store, ignore_errors=True)
-        res = extract(f"mvtec:{data}", args.backbone, str(store), weights=args.weights, image_size=args.image_size,
+        res = extract(str(store), f"mvtec:{data}", args.backbone, weights=args.weights, image_size=args.image_size,
                       batch_size=args.batch_size, num_actors=args.actors, cpus_per_actor=args.cpus_per_actor,
                       gpus_per_actor=gpus, progress=False, records=records)
         assert res.rows_written == n, res.summary()

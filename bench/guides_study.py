@@ -22,8 +22,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from spg_dist.distributed.eval_io import MASK_SCALE, load_masks, mask_uris
-from spg_dist.distributed.sae_data import memory_batches
+from spg_dist.ray.sae_data import memory_batches
+from spg_dist.stages.inputs import MASK_SCALE, load_masks
+from spg_dist.store import images
 from spg_dist.evaluation import evaluate_category, mean_over_categories
 from spg_dist.guides import GuideConfig
 from spg_dist.guides.scoring import image_scores, upsample
@@ -58,7 +59,7 @@ class Data:
             meta, toks = load_tokens(self.store, self.backbone, self.layer, dataset=dataset,
                                      **({"split": split} if split else {}))
             size = MASK_SCALE * max(toks.shape[1:3])
-            masks = load_masks(meta.column("image_id").to_pylist(), mask_uris(self.store, [dataset]), size)
+            masks = load_masks(meta.column("image_id").to_pylist(), images.uris(self.store, dataset), size)
             self.cache[dataset, split] = (meta, torch.from_numpy(toks.astype(np.float32)), torch.from_numpy(masks))
         return self.cache[dataset, split]
 

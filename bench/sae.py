@@ -183,7 +183,7 @@ def section_auxk(args) -> None:
 
 
 def section_grid(args, work: Path) -> None:
-    from spg_dist.distributed.train_sae import train_saes
+    from spg_dist.ray.train_sae import train_saes
 
     store = make_store(work / "grid_store", args.d, images=args.grid_images)
     common = dict(batch_tokens=args.batch, epochs=1, checkpoint_every=10_000, log_every=10_000)
@@ -219,11 +219,12 @@ def make_store(path: Path, d: int, images: int):
 
 
 def section_loader(args, work: Path) -> None:
-    from spg_dist.distributed.sae_data import TokenFilter, load_shard
+    from spg_dist.ray.sae_data import load_shard
+    from spg_dist.store.tokens import TokenSelection
     from spg_dist.store import TokenDataset
 
     store = make_store(work / "loader_store", args.d, images=args.loader_images)
-    flt = TokenFilter("bench", 1)
+    flt = TokenSelection.of("bench", 1)
     arr = load_shard(store, flt).numpy()
     npy = work / "tokens.npy"
     np.save(npy, arr)
@@ -339,7 +340,7 @@ def main() -> None:
     if "query" in sections:
         section_query(args, work)
     if "grid" in sections:
-        from spg_dist.distributed.runtime import ensure_ray
+        from spg_dist.ray.runtime import ensure_ray
 
         ensure_ray(num_cpus=os.cpu_count())
         section_grid(args, work)

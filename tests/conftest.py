@@ -17,7 +17,7 @@ def ray_cluster():
     """One local Ray for every test that needs it (2 CPUs: this machine's size), shut down at the end."""
     import ray
 
-    from spg_dist.distributed.runtime import ensure_ray
+    from spg_dist.ray.runtime import ensure_ray
 
     ensure_ray(num_cpus=2)
     yield ray

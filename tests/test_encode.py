@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from spg_dist.cli import main
-from spg_dist.distributed.encode import encode
-from spg_dist.distributed.sae_data import NoTokensError
+from spg_dist.errors import NoTokensError
+from spg_dist.ray.encode import encode
 from spg_dist.sae import SAEConfig, TopKSAE
 from spg_dist.store import Store, load_tokens
 from spg_dist.store.atoms import brute_force_top, top_patches
@@ -40,7 +40,7 @@ def register_sae(store: Store, d: int = 16, C: int = 32, k: int = 4, sae_id: str
 def encoded(tmp_path_factory, ray_cluster):
     store = make_token_store(tmp_path_factory.mktemp("enc") / "store", n_images=24)
     sae = register_sae(store)
-    res = encode("bb/L3/test", store, top_n=6, batch_size=4, progress=False)
+    res = encode(store, "bb/L3/test", top_n=6, batch_size=4, progress=False)
     return store, sae, res
 
 
@@ -74,12 +74,12 @@ def test_atom_top_and_index_equal_brute_force(encoded):
 def test_rerun_is_idempotent_and_resumes_partial(encoded, tmp_path):
     store, _, _ = encoded
     n_idx, n_top = store.count("atom_index"), store.count("atom_top")
-    again = encode("bb/L3/test", store, top_n=6, progress=False)
+    again = encode(store, "bb/L3/test", top_n=6, progress=False)
     assert again.images_encoded == 0 and again.images_skipped == 24
     assert store.count("atom_index") == n_idx and store.count("atom_top") == n_top
     # a crash after the atom_index commit but before the sae_codes commit: codes of two images missing
     store.table("sae_codes").delete("image_id IN ('ds/cat0/train/good/000', 'ds/cat1/train/good/001')")
-    res = encode("bb/L3/test", store, top_n=6, progress=False)
+    res = encode(store, "bb/L3/test", top_n=6, progress=False)
     assert res.images_encoded == 2 and store.count("sae_codes") == 24
     assert store.count("atom_index") == n_idx and store.count("atom_top") == n_top
     for atom in (0, 5, 17):
@@ -110,4 +110,4 @@ def test_dimension_mismatch_is_one_clear_error(ray_cluster, tmp_path):
         metrics="{}", nmse=1.0, explained_variance=0.0, l0=2.0, dead_fraction=0.0, steps=0, tokens_seen=0,
         weights=sae.to_bytes(), firing_histogram_png=b"", run_dir="", created_at=dt.datetime(2026, 1, 1))])
     with pytest.raises(NoTokensError, match="dim 8"):
-        encode("bb/L3/d8", store, progress=False)
+        encode(store, "bb/L3/d8", progress=False)

@@ -1,4 +1,4 @@
-"""`evaluate(report_dir=..., overlays=..., taus=...)` and `spg evaluate --report/--overlays/--taus`: metrics CSV and
+"""The evaluation loop's reports (`detect(..., report_dir=, overlays=, taus=)`, `spg evaluate --report/--overlays/--taus`): metrics CSV and
 Markdown equal to the returned table, valid overlay PNGs (anomalous images first), a τ sweep of lse pooling computed
 from the stored maps whose tiny-τ end is max pooling."""
 
@@ -11,7 +11,8 @@ from PIL import Image
 from test_stage2 import (CONFIG, SAE_ID, make_stage2_store,  # noqa: F401  (reuse the stage-2 store builder)
                          register_sae_with_atoms)
 
-from spg_dist.distributed.stage2 import evaluate, train_guides
+from spg_dist.stages.detect import detect
+from spg_dist.stages.guides import train_guides
 from spg_dist.evaluation import METRICS, image_auroc
 from spg_dist.viz.overlays import overlay_names, pick_overlay_indices
 from spg_dist.viz.sweeps import parse_taus, pooled_scores, tau_sweep
@@ -25,7 +26,7 @@ def reported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reports")
     store = make_stage2_store(tmp)
     register_sae_with_atoms(store)
-    row = train_guides(store, SAE_ID, "aux", CONFIG, progress=False)
+    row = train_guides(store, SAE_ID, "aux", CONFIG).row
     # give one target image a real picture; the others point at missing files (drawn as a grey placeholder)
     img = tmp / "t0_bad_004.png"
     Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)).save(img)
@@ -35,8 +36,12 @@ def reported(tmp_path_factory):
             r["image_uri"] = str(img)
     store.upsert("images", images)
     out = tmp / "report"
-    df = evaluate(store, row["guide_id"], "tgt", report_dir=out, overlays=3, taus=TAUS)
-    return store, row, df, out
+    res = detect(store, "spg", "tgt", params={"guides": row["guide_id"]}, report_dir=out, overlays=3, taus=TAUS)
+    return store, row, res, out
+
+
+def evaluate(store, guide_id, target, **kw):
+    return detect(store, "spg", target, params={"guides": guide_id}, **kw)
 
 
 def _is_png(path, min_bytes=5000):
@@ -45,7 +50,8 @@ def _is_png(path, min_bytes=5000):
 
 
 def test_metrics_csv_and_markdown(reported):
-    _, _, df, out = reported
+    _, _, res, out = reported
+    df = res.table
     assert list(df.index) == ["t0", "t1", "mean"]
     csv = pd.read_csv(out / "metrics.csv", index_col="category")
     assert list(csv.index) == ["t0", "t1", "mean"] and list(csv.columns) == list(METRICS)
@@ -55,15 +61,15 @@ def test_metrics_csv_and_markdown(reported):
     assert len(rows) == 2 + 3 and rows[-1].startswith("| mean")
     assert all(m in rows[0] for m in METRICS)
     assert f"{df.loc['t0', 'image_auroc']:.4f}" in rows[2]
-    assert df.attrs["report"]["metrics_csv"] == str(out / "metrics.csv")
+    assert res.report["metrics_csv"] == str(out / "metrics.csv")
 
 
 def test_overlay_pngs(reported):
-    _, _, df, out = reported
+    _, _, res, out = reported
     pngs = sorted((out / "overlays").glob("*.png"))
     # 3 per category, anomalous first: target images 4..7 are anomalous -> 004, 005, 006
     assert [p.name for p in pngs] == [f"{c}__{i:03d}.png" for c in ("t0", "t1") for i in (4, 5, 6)]
-    assert sorted(df.attrs["report"]["overlays"]) == [str(p) for p in pngs]
+    assert sorted(res.report["overlays"]) == [str(p) for p in pngs]
     for p in pngs:
         assert _is_png(p), p
     # the one with a real picture draws it (more bytes than a grey placeholder of the same layout)
@@ -71,11 +77,12 @@ def test_overlay_pngs(reported):
 
 
 def test_tau_sweep(reported):
-    _, _, df, out = reported
+    _, _, res, out = reported
+    df = res.table
     sweep = pd.read_csv(out / "tau_sweep.csv")
     assert len(sweep) == len(TAUS) and list(sweep["tau"]) == pytest.approx(TAUS)
-    assert sweep.to_dict("records")[0]["pooling"] == df.attrs["tau_sweep"][0]["pooling"]
-    assert [r["tau"] for r in df.attrs["tau_sweep"]] == TAUS
+    assert sweep.to_dict("records")[0]["pooling"] == res.tau_sweep.iloc[0]["pooling"]
+    assert list(res.tau_sweep["tau"]) == TAUS
     # max pooling is the evaluation's own pooling here: its reference equals the returned table's image metrics
     for m in ("image_auroc", "image_ap"):
         assert sweep[f"max_{m}"].iloc[0] == pytest.approx(df.loc["mean", m], abs=1e-9)
@@ -109,8 +116,8 @@ def test_helpers():
 
 def test_no_report_no_files(reported, tmp_path):
     store, row, _, _ = reported
-    df = evaluate(store, row["guide_id"], "tgt", run="plain")
-    assert "report" not in df.attrs and "tau_sweep" not in df.attrs
+    res = evaluate(store, row["guide_id"], "tgt", run="plain")
+    assert res.report is None and res.tau_sweep is None
     with pytest.raises(ValueError):
         evaluate(store, row["guide_id"], "tgt", taus=[0.0])
 

@@ -15,7 +15,7 @@ from spg_dist.backbones import create_backbone
 from spg_dist.cli import main
 from spg_dist.data.imageio import load_image
 from spg_dist.data.spec import list_records
-from spg_dist.distributed.extract import extract
+from spg_dist.ray.extract import extract
 from spg_dist.store import Store, load_tokens
 
 pytestmark = pytest.mark.ray
@@ -33,7 +33,7 @@ def test_extract_matches_direct_backbone_call_and_is_idempotent(ray_cluster, dat
     store = Store(tmp_path / "store")
     spec = f"mvtec:{dataset}"
     records = list_records(spec)
-    res = extract(spec, "tiny-dinov3", store, image_size=SIZE, batch_size=4, progress=False)
+    res = extract(store, spec, "tiny-dinov3", image_size=SIZE, batch_size=4, progress=False)
     assert res.rows_written == len(records) and not res.errors
 
     tbl = lancedb.connect(store.uri).open_table("patch_tokens")  # plain lancedb, no spg_dist
@@ -49,7 +49,7 @@ def test_extract_matches_direct_backbone_call_and_is_idempotent(ray_cluster, dat
     direct = model.encode(pixels)[res.layers[0]].to(torch.float16).numpy()
     np.testing.assert_allclose(toks[:5].astype(np.float32), direct.astype(np.float32), rtol=1e-3, atol=1e-3)
 
-    again = extract(spec, "tiny-dinov3", store, image_size=SIZE, batch_size=4, progress=False)
+    again = extract(store, spec, "tiny-dinov3", image_size=SIZE, batch_size=4, progress=False)
     assert again.rows_written == 0 and again.images_skipped == len(records)
     assert tbl.count_rows() == len(records)
 
@@ -64,14 +64,14 @@ def test_bad_files_become_errors_rows(ray_cluster, dataset, tmp_path):
     import os
 
     os.remove(unmasked.mask_uri)
-    res = extract(f"mvtec:{dataset}", "tiny-dinov3", store, image_size=SIZE, batch_size=4, progress=False)
+    res = extract(store, f"mvtec:{dataset}", "tiny-dinov3", image_size=SIZE, batch_size=4, progress=False)
     errs = store.read("errors").to_pylist()
     assert {(e["stage"], e["image_id"]) for e in errs} == {("decode", bad.image_id), ("mask", unmasked.image_id)}
     assert bad.image_uri in next(e["reason"] for e in errs if e["stage"] == "decode")
     # every readable image is written, the one without a mask included (image-level metrics can still use it)
     assert res.rows_written == len(records) - 1 == store.count("patch_tokens")
     # a re-run retries the bad file, fails the same way, and updates its errors row instead of adding one
-    extract(f"mvtec:{dataset}", "tiny-dinov3", store, image_size=SIZE, batch_size=4, progress=False)
+    extract(store, f"mvtec:{dataset}", "tiny-dinov3", image_size=SIZE, batch_size=4, progress=False)
     assert store.count("errors") == 2 and store.count("patch_tokens") == len(records) - 1
 
 
@@ -80,8 +80,8 @@ def test_new_layers_are_added_without_duplicating_old_ones(ray_cluster, dataset,
     spec = f"mvtec:{dataset}"
     n = len(list_records(spec, categories=list_records(spec)[0].category))
     cat = list_records(spec)[0].category
-    extract(spec, "tiny-dinov3", store, image_size=SIZE, layers=[1], categories=[cat], progress=False)
-    res = extract(spec, "tiny-dinov3", store, image_size=SIZE, layers=[1, 2], categories=[cat], progress=False)
+    extract(store, spec, "tiny-dinov3", image_size=SIZE, layers=[1], categories=[cat], progress=False)
+    res = extract(store, spec, "tiny-dinov3", image_size=SIZE, layers=[1, 2], categories=[cat], progress=False)
     assert res.rows_written == n
     assert store.count("patch_tokens", "layer = 1") == n == store.count("patch_tokens", "layer = 2")
 
@@ -108,3 +108,46 @@ def test_mismatched_weights_fail_clearly(ray_cluster, dataset, tmp_path):
     r = CliRunner().invoke(main, ["extract", "--dataset", f"mvtec:{dataset}", "--backbone", "tiny-dinov3",
                                   "--weights", path, "--store", str(tmp_path / "s"), "--image-size", str(SIZE)])
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+
+
+def test_corrupted_copies_are_stored_paired_and_keyed(ray_cluster, dataset, tmp_path):
+    """`--corruptions 2`: two CutPaste copies of every normal train image, paired with it by source_image_id, their
+    masks in `corruptions`, skipped by every reader that does not ask for them; a re-run adds nothing."""
+    from spg_dist.data.imageio import load_image
+    from spg_dist.stages.inputs import decode_png_mask
+    from spg_dist.store import images, tokens
+    from spg_dist.store.tokens import TokenSelection
+
+    store = Store(tmp_path / "store")
+    spec = f"mvtec:{dataset}"
+    records = list_records(spec)
+    normal_train = [r for r in records if r.split == "train" and r.label == 0]
+    res = extract(store, spec, "tiny-dinov3", image_size=SIZE, batch_size=4, corruptions=2, progress=False)
+    assert res.rows_written == len(records) + 2 * len(normal_train) == store.count("patch_tokens")
+    assert store.count("corruptions") == 2 * len(normal_train) and store.count("images") == len(records)
+    meta, _ = load_tokens(store, "tiny-dinov3", res.layers[0])  # a plain reader sees the dataset only
+    assert meta.num_rows == len(records)
+    src = normal_train[0].image_id
+    copies = tokens.corrupted_metadata(store, "tiny-dinov3", res.layers[0], [src])
+    assert copies.column("image_id").to_pylist() == [f"{src}#cutpaste1", f"{src}#cutpaste2"]
+    assert set(copies.column("source_image_id").to_pylist()) == {src} and set(copies.column("label").to_pylist()) == {1}
+    masks = images.corruption_masks(store, copies.column("image_id").to_pylist())
+    m = decode_png_mask(masks[f"{src}#cutpaste1"])
+    assert m.shape == (SIZE, SIZE) and 0 < m.sum() < SIZE * SIZE
+    # the corrupted tokens differ from the clean ones where the image was changed, and equal the backbone's
+    # own tokens of the corrupted pixels (re-made from the seed)
+    import numpy as np
+    from spg_dist.data.corruptions import corruption_seed, cutpaste
+
+    _, clean = load_tokens(store, TokenSelection.of("tiny-dinov3", res.layers[0], image_ids=[src]))
+    _, bad = load_tokens(store, TokenSelection.of("tiny-dinov3", res.layers[0], image_ids=[f"{src}#cutpaste1"],
+                                                  sources=[src]))
+    assert not np.allclose(clean, bad)
+    pixels, mask = cutpaste(load_image(normal_train[0].image_uri, SIZE), np.random.default_rng(corruption_seed(src, 1)))
+    np.testing.assert_array_equal(mask, m)
+    direct = create_backbone("tiny-dinov3", image_size=SIZE).encode(torch.from_numpy(pixels[None]))[res.layers[0]]
+    np.testing.assert_allclose(bad[0].astype(np.float32), direct[0].to(torch.float16).numpy().astype(np.float32),
+                               rtol=1e-3, atol=1e-3)
+    again = extract(store, spec, "tiny-dinov3", image_size=SIZE, batch_size=4, corruptions=2, progress=False)
+    assert again.rows_written == 0 and store.count("patch_tokens") == res.rows_written
+    assert store.count("corruptions") == 2 * len(normal_train)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from spg_dist.distributed.sae_data import preprocess_images
+from spg_dist.ray.sae_data import preprocess_images
 from spg_dist.guides import GuideConfig
 from spg_dist.guides.model import Guides
 from spg_dist.sae import MultiSAETrainer, Preprocessing, SAEConfig, TopKSAE, TrainConfig

@@ -11,7 +11,7 @@ import torch
 
 from spg_dist.sae import (DeadLatentTracker, MultiSAETrainer, NonFiniteLossError, Preprocessing, SAEConfig,
                           SAEConfigError, TopKSAE, TrainConfig, explained_variance, firing_frequency_histogram_png,
-                          geometric_median, l0, nmse)
+                          geometric_median, l0, load_checkpoint, nmse, save_checkpoint)
 
 
 def toy_tokens(n: int, d: int = 16, atoms: int = 48, active: int = 3, seed: int = 0) -> torch.Tensor:
@@ -449,13 +449,13 @@ def test_checkpoint_round_trip_and_deterministic_resume(tmp_path):
     a.init_from_sample(X[:2048])
     for b in batches[:6]:
         a.step(b)
-    a.save_checkpoint(tmp_path / "ckpt")
+    save_checkpoint(a, tmp_path / "ckpt")
     a.generator.manual_seed(123)  # must be restored by the load below
     tail_a = [a.step(b) for b in batches[6:]]
 
     b_ = MultiSAETrainer(configs, train)
-    b_.load_checkpoint(tmp_path / "ckpt")
-    assert b_.steps == [6, 6] and b_.preprocessing == MultiSAETrainer.from_checkpoint(tmp_path / "ckpt").preprocessing
+    assert load_checkpoint(tmp_path / "ckpt", b_) is b_
+    assert b_.steps == [6, 6] and b_.preprocessing == load_checkpoint(tmp_path / "ckpt").preprocessing
     tail_b = [b_.step(b) for b in batches[6:]]
     assert tail_a == tail_b  # identical metrics, step by step
     for sa, sb in zip(a.saes, b_.saes):
@@ -466,9 +466,9 @@ def test_checkpoint_round_trip_and_deterministic_resume(tmp_path):
     assert torch.equal(b_.generator.get_state(), torch.Generator().manual_seed(train.seed).get_state())
 
     with pytest.raises(SAEConfigError, match=r"SAE 1 .*C: expected 48, found 32"):
-        MultiSAETrainer([configs[0], SAEConfig(d=16, C=48, k=3, sparsifier="batchtopk")], train).load_checkpoint(tmp_path / "ckpt")
+        load_checkpoint(tmp_path / "ckpt", MultiSAETrainer([configs[0], SAEConfig(d=16, C=48, k=3, sparsifier="batchtopk")], train))
     with pytest.raises(SAEConfigError, match=r"checkpoint has 2 SAEs .*trainer has 1"):
-        MultiSAETrainer(configs[:1], train).load_checkpoint(tmp_path / "ckpt")
+        load_checkpoint(tmp_path / "ckpt", MultiSAETrainer(configs[:1], train))
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert files == ["sae_000.safetensors", "sae_001.safetensors", "state.safetensors", "trainer.json"]
     assert TopKSAE.load(tmp_path / "ckpt" / "sae_000.safetensors").config == configs[0]

@@ -1,5 +1,6 @@
 """Stage 2 on the driver (no Ray): guides trained on an auxiliary dataset transfer to disjoint target categories,
-results land in ``eval_results`` idempotently, stored coefficients reload exactly.
+results land in ``eval_results`` idempotently, stored coefficients reload exactly, and SPG through the one
+evaluation loop gives exactly the numbers of a hand-written SPG evaluation on the same fixed store.
 
 The planted signal: anomalous patches point along one SAE atom (e0) in every category, normal patches along a
 shared atom (e1) plus a category-specific one; each anomalous image's mask PNG covers exactly its anomalous patches.
@@ -17,10 +18,12 @@ import torch
 from PIL import Image
 
 from spg_dist.data.imageio import load_mask
-from spg_dist.distributed.stage2 import (CategoryOverlapError, NoAuxiliaryDataError, UnknownGuidesError, evaluate,
-                                         load_guides, train_guides)
-from spg_dist.evaluation import METRICS
-from spg_dist.guides import GuideConfig, GuideTrainer
+from spg_dist.errors import CategoryOverlapError, NoAuxiliaryDataError, SpgError
+from spg_dist.evaluation import METRICS, evaluate_category, mean_over_categories
+from spg_dist.stages.detect import detect
+from spg_dist.stages.guides import load_spg, train_guides
+from spg_dist.store.guides import UnknownGuidesError
+from spg_dist.guides import GuideConfig, GuideTrainer, upsample
 from spg_dist.sae import SAEConfig, TopKSAE
 from spg_dist.store.connection import Store, write_fragment
 from spg_dist.store.schemas import load_schema
@@ -96,8 +99,12 @@ CONFIG = dataclasses.replace(GuideConfig.preset("classical"), steps=100, batch_i
 def trained(tmp_path_factory):
     store = make_stage2_store(tmp_path_factory.mktemp("stage2"))
     register_sae_with_atoms(store)
-    row = train_guides(store, SAE_ID, "aux", CONFIG, progress=False)
+    row = train_guides(store, SAE_ID, "aux", CONFIG).row
     return store, row
+
+
+def evaluate(store, guide_id, target, **kw):
+    return detect(store, "spg", target, params={"guides": guide_id}, **kw).table
 
 
 def test_guides_row(trained):
@@ -136,8 +143,8 @@ def test_transfer_to_disjoint_categories_and_eval_rows(trained):
 
 def test_train_is_idempotent(trained):
     store, row = trained
-    again = train_guides(store, SAE_ID, ["aux"], CONFIG, progress=False)
-    assert again["guide_id"] == row["guide_id"] and again["created_at"] == row["created_at"]
+    again = train_guides(store, SAE_ID, ["aux"], CONFIG)
+    assert again.reused and again.guide_id == row["guide_id"] and again.row["created_at"] == row["created_at"]
     assert store.count("guides") == 1
 
 
@@ -154,13 +161,13 @@ def test_overlap_is_refused_unless_allowed(trained):
 
 def test_clear_errors(trained):
     store, _ = trained
-    with pytest.raises(NoAuxiliaryDataError, match="no patch tokens"):
-        train_guides(store, SAE_ID, "nope", CONFIG, progress=False)
+    with pytest.raises(SpgError, match="no auxiliary tokens for bb layer 3, dataset nope.*spg extract"):
+        train_guides(store, SAE_ID, "nope", CONFIG)
     with pytest.raises(NoAuxiliaryDataError, match="no anomalous image"):
-        train_guides(store, SAE_ID, "normals", CONFIG, progress=False)
-    with pytest.raises(LookupError):
-        load_guides(store, "no/such/guides")
-    assert issubclass(UnknownGuidesError, LookupError) and issubclass(CategoryOverlapError, ValueError)
+        train_guides(store, SAE_ID, "normals", CONFIG)
+    with pytest.raises(UnknownGuidesError, match="no guides 'no/such/guides'"):
+        load_spg(store, "no/such/guides")
+    assert issubclass(UnknownGuidesError, SpgError) and issubclass(CategoryOverlapError, ValueError)
 
 
 def test_stored_coefficients_reload_to_the_same_maps(trained):
@@ -177,7 +184,7 @@ def test_stored_coefficients_reload_to_the_same_maps(trained):
     for _ in range(CONFIG.steps):
         pick = np.sort(rng.choice(len(toks), size=CONFIG.batch_images, replace=False))
         tr.step(torch.from_numpy(toks[pick]).float(), torch.from_numpy(masks[pick]))
-    guides = load_guides(store, row["guide_id"])
+    guides = load_spg(store, row["guide_id"])[0].guides
     torch.testing.assert_close(guides.coefficients(ema=True), tr.guides.coefficients(ema=True))
     assert guides.active_sets(ema=True) == (row["active_normal"], row["active_anomaly"])
     _, tgt = load_tokens(store, "bb", 3, dataset="tgt")
@@ -198,3 +205,55 @@ def test_cli_train_guides_and_evaluate(trained, tmp_path):
     assert "mean" in r.output and "pixel_auroc" in r.output
     r = CliRunner().invoke(main, ["evaluate", "--store", store.uri, "--guides", row["guide_id"], "--target", "aux"])
     assert r.exit_code == 1 and "--allow-overlap" in r.output and "Traceback" not in r.output
+
+
+def test_spg_through_the_loop_equals_a_hand_written_evaluation(trained):
+    """The numbers of SPG before the one evaluation loop existed: EMA guides -> p_A per patch -> bilinear maps at
+    4 x the grid -> max pooling -> the four metrics per category against the masks, by hand on the fixed store."""
+    store, row = trained
+    guides = load_spg(store, row["guide_id"])[0].guides
+    meta, tgt = load_tokens(store, "bb", 3, dataset="tgt", split="test")
+    uris = dict(zip(*[store.read("images", columns=["image_id", "mask_uri"]).column(c).to_pylist()
+                      for c in ("image_id", "mask_uri")]))
+    size = GRID * 4
+    expected = {}
+    cats = np.asarray(meta.column("category").to_pylist())
+    for cat in sorted(set(cats)):
+        sel = cats == cat
+        with torch.no_grad():
+            maps = upsample(guides.patch_probs(torch.from_numpy(tgt[sel]).float(), ema=True), size).numpy()
+        ids = np.asarray(meta.column("image_id").to_pylist())[sel]
+        masks = np.stack([load_mask(uris[i], size) if uris[i] else np.zeros((size, size), np.uint8) for i in ids])
+        labels = np.asarray(meta.column("label").to_pylist())[sel]
+        expected[cat] = evaluate_category(labels, maps.reshape(len(maps), -1).max(1), masks, maps)
+    expected["mean"] = mean_over_categories(expected)
+    got = evaluate(store, row["guide_id"], "tgt", run="hand-check")
+    for cat, metrics in expected.items():
+        for m, v in metrics.items():
+            assert got.loc[cat, m] == pytest.approx(v, abs=1e-12), (cat, m)
+
+
+def test_nan_guide_loss_is_one_line_in_the_cli(trained, tmp_path):
+    """A non-finite guide loss (NaN tokens) is a user-facing error: one line from `spg train-guides`, no traceback."""
+    from click.testing import CliRunner
+
+    from spg_dist.cli import main
+
+    store, _ = trained
+    n = 4
+    toks = np.full((n, GRID, GRID, D), np.nan)
+    ids = [f"nanaux/c/test/bad/{i:03d}" for i in range(n)]
+    meta = dict(backbone=["bb"] * n, layer=[3] * n, image_id=ids, dataset=["nanaux"] * n, category=["c"] * n,
+                split=["test"] * n, label=[1] * n, image_size=[32] * n)
+    store.commit_fragments("patch_tokens", write_fragment(store.lance_uri("patch_tokens"),
+                                                          tokens_to_arrow(meta, toks, "random-init"),
+                                                          load_schema("patch_tokens")))
+    mask = tmp_path / "m.png"
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(mask)
+    store.upsert("images", [dict(image_id=i, dataset="nanaux", category="c", split="test", label=1,
+                                 defect_type="bad", image_uri="/x.png", mask_uri=str(mask), width=32, height=32)
+                            for i in ids])
+    r = CliRunner().invoke(main, ["train-guides", "--store", store.uri, "--sae", SAE_ID, "--aux", "nanaux",
+                                  "--steps", "3"])
+    assert r.exit_code == 1 and "guide loss is nan" in r.output.lower(), r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1

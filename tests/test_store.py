@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 
 from spg_dist.store import (SchemaError, Store, StoreError, iter_tokens, known_tables, load_schema,
-                            load_tokens, tokens_from_arrow, tokens_to_arrow, where_clause, write_fragment)
+                            load_tokens, tokens_from_arrow, tokens_to_arrow, where, write_fragment)
+from spg_dist.errors import SpgError
 from spg_dist.store.schemas import VERSION_KEY, parse_type
 
 
@@ -33,7 +34,7 @@ def test_every_design_table_has_a_versioned_schema():
     assert {"images", "patch_tokens", "errors"} <= set(known_tables())
     s = load_schema("patch_tokens")
     assert s.key == ("backbone", "layer", "image_id")
-    assert s.arrow.metadata[VERSION_KEY] == b"1"
+    assert s.arrow.metadata[VERSION_KEY] == b"2"
     assert s.arrow.field("tokens").type == pa.large_list(pa.float16())
     assert not s.arrow.field("image_id").nullable
 
@@ -104,7 +105,7 @@ def test_token_readers_round_trip(tmp_path):
     batches = list(iter_tokens(store, "bb", 1, batch_size=3))
     assert sum(b[1].shape[0] for b in batches) == 7 and all(b[1].shape[1:] == (2, 3, 4) for b in batches)
     assert list(iter_tokens(store, "bb", 2)) == []
-    with pytest.raises(ValueError, match="different token grids"):
+    with pytest.raises(SpgError, match="different token grids"):
         tokens_from_arrow(store.read("patch_tokens"))
 
 
@@ -123,9 +124,23 @@ def test_torch_reader_streams_tokens(tmp_path):
     np.testing.assert_array_equal(np.sort(got.numpy().ravel()), np.sort(toks.ravel()))
 
 
-def test_where_clause_quotes():
-    assert where_clause(backbone="a'b", layer=[3, 1], split=None) == "backbone = 'a''b' AND layer IN (1, 3)"
-    assert where_clause(category=[]) == "false"
+def test_filters_are_literals_whatever_the_value(tmp_path):
+    """A user value such as O'Brien or x' OR 1=1 -- matches only itself: filters are LanceDB typed expressions."""
+    store = Store(tmp_path / "s")
+    names = ["O'Brien", "x' OR 1=1 --", "plain", "x", "a\\b", "%", "_"]
+    rows = [{**_image_rows(1)[0], "image_id": f"id{i}", "dataset": n} for i, n in enumerate(names)]
+    store.upsert("images", rows)
+    for i, n in enumerate(names):
+        got = store.read("images", where=where(dataset=n), columns=["image_id"]).column("image_id").to_pylist()
+        assert got == [f"id{i}"], n
+    both = store.read("images", where=where(dataset=[names[0], names[1]]), columns=["image_id"])
+    assert sorted(both.column("image_id").to_pylist()) == ["id0", "id1"]
+    assert where(category=[]) == "false" and where() is None and where(split=None) is None
+    assert store.count("images", where(dataset="nobody' OR '1'='1")) == 0
+    with pytest.raises(ValueError, match="not a column name"):
+        where(**{"x; DROP": 1})
+    with pytest.raises(TypeError, match="not a plain scalar"):
+        where(dataset=object())
 
 
 def test_schema_version_mismatch_is_refused(tmp_path):

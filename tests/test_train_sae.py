@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from spg_dist.distributed.sae_data import NoTokensError
-from spg_dist.distributed.train_sae import train_saes
+from spg_dist.errors import NoTokensError
+from spg_dist.ray.train_sae import train_saes
 from spg_dist.sae import NonFiniteLossError, SAEConfigError, TopKSAE
 from spg_dist.store import Store, load_schema, tokens_to_arrow, write_fragment
-from spg_dist.store.sae_models import sae_row
+from spg_dist.store.sae_models import get as sae_row
 
 pytestmark = pytest.mark.ray
 D = 16
@@ -50,7 +50,7 @@ def token_store(tmp_path_factory):
 
 def test_grid_in_one_pass_registers_every_sae(ray_cluster, token_store):
     rows = train_saes(token_store, "bb", Cs=[32, 64], ks=[2, 4], batch_tokens=128, epochs=2, log_every=4,
-                      checkpoint_every=8, run_name="grid")
+                      checkpoint_every=8, run_name="grid").models
     assert sorted((r["C"], r["k"]) for r in rows) == [(32, 2), (32, 4), (64, 2), (64, 4)]
     assert len({r["steps"] for r in rows}) == 1 and rows[0]["steps"] == 2 * (64 * 16 // 128)
     for r in rows:
@@ -67,7 +67,7 @@ def test_grid_in_one_pass_registers_every_sae(ray_cluster, token_store):
 
 def test_two_workers_ddp(ray_cluster, token_store):
     rows = train_saes(token_store, "bb", Cs=[32], ks=[4], batch_tokens=128, epochs=1, workers=2,
-                      cpus_per_worker=0.5, run_name="ddp")
+                      cpus_per_worker=0.5, run_name="ddp").models
     assert rows[0]["steps"] == min(_per_worker_tokens(token_store, 2)) // 64
     assert json.loads(sae_row(token_store, rows[0]["sae_id"])["config"])["workers"] == 2
 
@@ -76,7 +76,7 @@ def test_streamed_data_with_per_image_preprocessing(ray_cluster, token_store):
     """The stream path applies per-image steps inside the Ray Data read, before tokens are split up and
     shuffled; the fitted steps are recorded with the SAE, whose d grows by the appended constant."""
     streamed = train_saes(token_store, "bb", Cs=[32], ks=[4], batch_tokens=128, epochs=1, data_mode="stream",
-                          cpus_per_worker=0.5, run_name="stream", preprocess="center,constant")
+                          cpus_per_worker=0.5, run_name="stream", preprocess="center,constant").models
     assert streamed[0]["steps"] == 64 * 16 // 128
     full = sae_row(token_store, streamed[0]["sae_id"])
     config = json.loads(full["config"])
@@ -92,7 +92,7 @@ def test_bad_inputs_fail_before_training(ray_cluster, token_store):
         train_saes(token_store, "bb", Cs=[8], ks=[8])
     with pytest.raises(SAEConfigError):
         train_saes(token_store, "bb", Cs=[8], ks=[0])
-    with pytest.raises(NoTokensError, match="stored backbones: bb"):
+    with pytest.raises(NoTokensError, match="the store holds bb layer 3"):
         train_saes(token_store, "other-backbone", Cs=[32], ks=[4])
     with pytest.raises(NoTokensError, match="bb layer 3"):
         train_saes(token_store, "bb", layer=7, Cs=[32], ks=[4])
@@ -101,10 +101,10 @@ def test_bad_inputs_fail_before_training(ray_cluster, token_store):
 def test_checkpoint_of_another_config_is_refused(token_store):
     """A run directory holding a checkpoint of other SAEs (a reused --run-name) is refused in one line before
     Ray starts."""
-    from spg_dist.sae import MultiSAETrainer, SAEConfig, TrainConfig
+    from spg_dist.sae import MultiSAETrainer, SAEConfig, TrainConfig, save_checkpoint
 
     other = MultiSAETrainer([SAEConfig(d=D, C=64, k=8)], TrainConfig())
-    other.save_checkpoint(os.path.join(token_store.uri, "_runs", "reused", "checkpoint_000000"))
+    save_checkpoint(other, os.path.join(token_store.uri, "_runs", "reused", "checkpoint_000000"))
     with pytest.raises(SAEConfigError, match="another configuration.*C: expected 32, found 64"):
         train_saes(token_store, "bb", Cs=[32], ks=[4], batch_tokens=128, run_name="reused")
 
@@ -120,7 +120,7 @@ def test_killed_worker_is_recovered_from_its_checkpoint(ray_cluster, tmp_path):
     """Ray Train's FailureConfig: a worker SIGKILLed at step 10 is restarted from its latest checkpoint."""
     store = make_token_store(tmp_path / "s")
     rows = train_saes(store, "bb", Cs=[32], ks=[4], batch_tokens=64, epochs=1, checkpoint_every=4, log_every=4,
-                      run_name="recover", max_failures=1, _fault_at_step=10)
+                      run_name="recover", max_failures=1, _fault_at_step=10).models
     assert rows[0]["steps"] == 64 * 16 // 64
     assert json.loads(sae_row(store, rows[0]["sae_id"])["config"])["resumed_from_step"] in (4, 8)
 
@@ -133,13 +133,13 @@ def test_rerun_after_a_failed_run_resumes(ray_cluster, tmp_path):
     with pytest.raises(Exception):
         train_saes(store, "bb", run_name="rerun", _fault_at_step=10, **kwargs)
     assert store.count("sae_models") == 0
-    rows = train_saes(store, "bb", run_name="rerun", **kwargs)
+    rows = train_saes(store, "bb", run_name="rerun", **kwargs).models
     assert rows[0]["steps"] == 64 * 16 // 64
     assert json.loads(sae_row(store, rows[0]["sae_id"])["config"])["resumed_from_step"] in (4, 8)
 
 
 def _per_worker_tokens(store, world):
-    from spg_dist.distributed.sae_data import owner
+    from spg_dist.ray.sae_data import owner
 
     ids = store.read("patch_tokens", columns=["image_id"]).column("image_id").to_pylist()
     return [16 * sum(owner(i, world) == r for i in ids) for r in range(world)]

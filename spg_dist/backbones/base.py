@@ -14,19 +14,21 @@ from typing import Sequence
 
 import torch
 
+from spg_dist.errors import SpgError
 
-class UnknownBackboneError(KeyError):
+
+class UnknownBackboneError(SpgError, KeyError):
     """Raised for a backbone name not in the registry; the message lists the known names."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want one readable line
         return str(self.args[0]) if self.args else ""
 
 
-class WeightsMismatchError(ValueError):
+class WeightsMismatchError(SpgError, ValueError):
     """Raised when a weights path does not fit the backbone's config (never a silent random init)."""
 
 
-class WeightsUnavailableError(FileNotFoundError):
+class WeightsUnavailableError(SpgError, FileNotFoundError):
     """Raised when weights cannot be found: a local path that does not exist, or a hub id / pretrained tag that
     is neither cached nor downloadable (offline). The message names what was tried and how to pass a local path."""
 

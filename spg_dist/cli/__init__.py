@@ -9,7 +9,7 @@ from spg_dist.cli.base import DEFAULT_STORE, main
 from spg_dist.cli.data import extract_cmd, run_extract
 from spg_dist.cli.demo import demo_cmd
 from spg_dist.cli.stage1 import encode_cmd, train_sae_cmd
-from spg_dist.cli.stage2 import evaluate_cmd, train_guides_cmd
+from spg_dist.cli.stage2 import detect_cmd, detectors_cmd, evaluate_cmd, train_guides_cmd
 
-__all__ = ["DEFAULT_STORE", "demo_cmd", "encode_cmd", "evaluate_cmd", "extract_cmd", "main", "run_extract",
+__all__ = ["DEFAULT_STORE", "demo_cmd", "detect_cmd", "detectors_cmd", "encode_cmd", "evaluate_cmd", "extract_cmd", "main", "run_extract",
            "train_guides_cmd", "train_sae_cmd"]

@@ -12,22 +12,6 @@ import click
 DEFAULT_STORE = "./store"
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from spg_dist.backbones.base import UnknownBackboneError, WeightsMismatchError
-    from spg_dist.data.records import DatasetError
-    from spg_dist.distributed.sae_data import NoTokensError
-    from spg_dist.sae import NonFiniteLossError, SAEConfigError
-    from spg_dist.store import SchemaError, StoreError
-    from spg_dist.distributed.stage2 import CategoryOverlapError, NoAuxiliaryDataError, NoTargetDataError, \
-        UnknownGuidesError
-    from spg_dist.guides import GuideConfigError
-    from spg_dist.store.sae_models import UnknownSAEError
-
-    return (DatasetError, UnknownBackboneError, WeightsMismatchError, StoreError, SchemaError, FileNotFoundError,
-            NoTokensError, SAEConfigError, NonFiniteLossError, UnknownSAEError, CategoryOverlapError,
-            NoAuxiliaryDataError, NoTargetDataError, UnknownGuidesError, GuideConfigError)
-
-
 def _int_list(_ctx, _param, value: str | None) -> list[int] | None:
     if value is None or value == "":
         return None
@@ -64,12 +48,15 @@ def _steps(_ctx, _param, value: str | None) -> str | None:
 
 
 class _FriendlyErrors:
-    """Expected failures become one ``Error: ...`` line and exit 1, never a traceback."""
+    """Expected failures (:class:`spg_dist.errors.SpgError`, the one base class) become one ``Error: ...`` line and
+    exit 1, never a traceback; anything else is a bug and keeps its traceback."""
 
     def invoke(self, ctx: click.Context):
+        from spg_dist.errors import SpgError
+
         try:
             return super().invoke(ctx)  # type: ignore[misc]
-        except _user_errors() as e:
+        except SpgError as e:
             text = str(e).strip()
             raise click.ClickException(text.splitlines()[0] if text else repr(e)) from None
 

@@ -76,6 +76,9 @@ def extract_options(f):
         click.option("--address", default=None,
                      help="Ray cluster address (default: RAY_ADDRESS, as set by `ray job submit`, else a local Ray)."),
         click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)."),
+        click.option("--corruptions", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Also store the tokens of N CutPaste-corrupted copies of every normal train image, paired "
+                          "with the clean ones (what FoundAD trains on); a re-run adds nothing."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
     return _apply(opts, f)
@@ -90,7 +93,7 @@ def extract_cmd(quiet: bool, **kwargs) -> None:
 
 
 def run_extract(quiet: bool = False, **kwargs) -> None:
-    from spg_dist.distributed.extract import extract
+    from spg_dist.ray.extract import extract
 
     result = extract(progress=not quiet, **kwargs)
     for e in result.errors:

@@ -25,15 +25,20 @@ from spg_dist.cli.base import _steps, main
 @click.option("-k", "--k", "k", type=int, default=16, show_default=True, help="SAE active latents per token.")
 @click.option("--epochs", type=float, default=5.0, show_default=True, help="SAE training epochs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic datasets and training.")
+@click.option("--detectors", default="all", show_default=True,
+              help="Detectors to compare, comma-separated registry names (`spg detectors`), or all.")
+@click.option("--shots", type=int, default=4, show_default=True, help="Normal images per category for few-shot ones.")
 @click.option("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all).")
-def demo_cmd(store, out, backbone, weights, preset, preprocess, C, k, epochs, seed, num_cpus) -> None:
+def demo_cmd(store, out, backbone, weights, preset, preprocess, C, k, epochs, seed, detectors, shots, num_cpus) -> None:
     """The pipeline end to end on data it makes itself: synthesise an MVTec-layout and a VisA-layout dataset with
     disjoint categories, extract both, and in both directions train an SAE and guides on one and evaluate zero-shot
-    on the other, next to training-free baselines; prints a Table-1-style summary. A re-run reuses the store."""
-    from spg_dist.distributed.demo import run_demo
+    on the other, next to every other detector on the same stored tokens; prints one table of every method. A
+    re-run reuses the store."""
+    from spg_dist.stages.demo import run_demo
 
     run_demo(out=out, store=store, backbone=backbone, weights=weights, C=C, k=k, epochs=epochs, seed=seed,
-             preset=preset, preprocess=preprocess, num_cpus=num_cpus, echo=click.echo)
+             preset=preset, preprocess=preprocess, detectors=detectors, shots=shots, num_cpus=num_cpus,
+             echo=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -72,10 +72,12 @@ def train_sae_cmd(no_auxk: bool, split: str, dataset, **kwargs) -> None:
     """Train TopK SAEs on stored patch tokens with Ray Train; a (C, k) grid costs one pass over the data.
     Checkpoints every --checkpoint-every steps; re-running the same command resumes; finished SAEs are
     registered in sae_models."""
-    from spg_dist.distributed.train_sae import train_saes
+    from spg_dist.ray.train_sae import train_saes
 
-    rows = train_saes(auxk=not no_auxk, split=None if split == "all" else split, dataset=dataset, **kwargs)
-    for r in rows:
+    result = train_saes(auxk=not no_auxk, split=None if split == "all" else split, dataset=dataset, **kwargs)
+    if result.reused:
+        click.echo(f"run {result.run} had finished before: nothing trained")
+    for r in result.models:
         click.echo(f"registered {r['sae_id']}: nmse {r['nmse']:.4f} EV {r['explained_variance']:.3f} "
                    f"L0 {r['l0']:.1f} dead {100 * r['dead_fraction']:.1f}% ({r['steps']} steps)")
 
@@ -94,9 +96,9 @@ def train_sae_cmd(no_auxk: bool, split: str, dataset, **kwargs) -> None:
 def encode_cmd(store, sae_id, dataset, categories, top_n, batch_size, num_actors, address, num_cpus, quiet) -> None:
     """Encode stored tokens with a trained SAE into sae_codes, atom_index (BTree-indexed on atom) and atom_top.
     Re-running encodes only what is missing."""
-    from spg_dist.distributed.encode import encode
+    from spg_dist.ray.encode import encode
 
-    res = encode(sae_id, store, dataset=dataset, categories=categories, top_n=top_n, batch_size=batch_size,
+    res = encode(store, sae_id, dataset=dataset, categories=categories, top_n=top_n, batch_size=batch_size,
                  num_actors=num_actors, address=address, num_cpus=num_cpus, progress=not quiet)
     click.echo(res.summary())
 
@@ -105,10 +107,9 @@ def encode_cmd(store, sae_id, dataset, categories, top_n, batch_size, num_actors
 @click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store URI.")
 def saes_cmd(store) -> None:
     """List the SAEs registered in sae_models."""
-    from spg_dist.store import Store
-    from spg_dist.store.sae_models import list_saes
+    from spg_dist.store import Store, sae_models
 
-    for r in list_saes(Store(store)):
+    for r in sae_models.list_rows(Store(store)):
         click.echo(f"{r['sae_id']}  nmse {r['nmse']:.4f}  L0 {r['l0']:.1f}  dead {100 * r['dead_fraction']:.1f}%  "
                    f"{r['steps']} steps")
 

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from spg_dist.data.records import DatasetError
+from spg_dist.errors import SpgError
 
 # Pillow pads truncated files with grey when this is True; a half-decoded image must fail loudly instead.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -30,7 +31,7 @@ _RESAMPLE = {
 }
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(SpgError, ValueError):
     """An image or mask file that is missing, unreadable, corrupt or truncated; the message names the file."""
 
 

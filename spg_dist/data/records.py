@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from spg_dist.errors import SpgError
+
 NORMAL, ANOMALOUS, UNKNOWN = 0, 1, -1
 
 
@@ -37,5 +39,5 @@ class ImageRecord:
         return cls(**{k: d[k] for k in keys if k in d})
 
 
-class DatasetError(ValueError):
+class DatasetError(SpgError, ValueError):
     """A dataset path or layout that cannot be read; the message is one line saying what to do."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+from spg_dist.errors import SpgError
+
 NONNEG = ("relu", "topk")
 PRESET_PREPROCESSING = {"paper": "none", "classical": "standardize,constant"}
 """The SAE token preprocessing each guide preset is meant for (``spg train-sae --preprocess``). The paper feeds
@@ -16,7 +18,7 @@ preprocessing")."""
 LOSSES = ("focal_dice", "bce_dice")
 
 
-class GuideConfigError(ValueError):
+class GuideConfigError(SpgError, ValueError):
     """An invalid guide setting; one line naming the field."""
 
 

@@ -3,10 +3,10 @@ resolution, and log-sum-exp pooling ``S_τ = τ log(mean exp(p/τ))`` (τ -> 0 i
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from spg_dist.evaluation.pooling import parse_pooling, pool  # noqa: F401  (parse_pooling re-exported)
 
 
 def upsample(p: Tensor, size: int | tuple[int, int]) -> Tensor:
@@ -15,24 +15,6 @@ def upsample(p: Tensor, size: int | tuple[int, int]) -> Tensor:
     return torch.nn.functional.interpolate(p[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def parse_pooling(spec: str) -> tuple[str, float | None]:
-    """``max`` | ``mean`` | ``lse:TAU``."""
-    if spec in ("max", "mean"):
-        return spec, None
-    if spec.startswith("lse:"):
-        tau = float(spec[4:])
-        if tau <= 0:
-            raise ValueError(f"pooling {spec!r}: tau must be > 0")
-        return "lse", tau
-    raise ValueError(f"unknown pooling {spec!r}; use max, mean or lse:TAU")
-
-
 def image_scores(maps: Tensor, pooling: str = "max") -> Tensor:
-    """[B, H, W] -> [B]."""
-    kind, tau = parse_pooling(pooling)
-    flat = maps.reshape(maps.shape[0], -1)
-    if kind == "max":
-        return flat.max(-1).values
-    if kind == "mean":
-        return flat.mean(-1)
-    return tau * (torch.logsumexp(flat / tau, dim=-1) - math.log(flat.shape[-1]))
+    """[B, H, W] -> [B] float64 (see :func:`spg_dist.evaluation.pooling.pool`: max | mean | lse:TAU | top:...)."""
+    return torch.from_numpy(pool(maps, pooling))

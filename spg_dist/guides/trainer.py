@@ -12,13 +12,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from spg_dist.errors import SpgError
 from spg_dist.guides.config import GuideConfig
 from spg_dist.guides.losses import balanced_bce, dice, focal
 from spg_dist.guides.model import Guides
 from spg_dist.guides.scoring import upsample
 
 
-class NonFiniteGuideLossError(RuntimeError):
+class NonFiniteGuideLossError(SpgError, RuntimeError):
     """A NaN/inf guide loss; the coefficients are left as they were before the step."""
 
 
@@ -44,7 +45,8 @@ class GuideTrainer:
     def step(self, tokens: Tensor, masks: Tensor) -> dict[str, Any]:
         total, parts = self.loss(tokens, masks)
         if not torch.isfinite(total):
-            raise NonFiniteGuideLossError(f"guide loss is {float(total)} at step {self.step_count + 1}")
+            raise NonFiniteGuideLossError(f"guide loss is {float(total.detach())} at step {self.step_count + 1}; "
+                                          "check the auxiliary tokens for NaN/inf or lower --lr")
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         self.opt.step()

@@ -15,7 +15,7 @@ Modules, one job each:
   serialization safetensors bytes/files with JSON metadata
 """
 
-from spg_dist.sae.checkpoint import load_checkpoint, load_sae, read_checkpoint, read_meta, save_checkpoint
+from spg_dist.sae.checkpoint import load_checkpoint, load_sae, read_meta, save_checkpoint
 from spg_dist.sae.config import SAEConfig, SAEConfigError, TrainConfig, config_diff
 from spg_dist.sae.initializers import geometric_median
 from spg_dist.sae.metrics import explained_variance, firing_frequency_histogram_png, l0, nmse
@@ -44,7 +44,6 @@ __all__ = [
     "load_checkpoint",
     "load_sae",
     "nmse",
-    "read_checkpoint",
     "read_meta",
     "save_checkpoint",
 ]

@@ -10,6 +10,9 @@ Layout of ``<dir>``::
 Every file is written atomically and ``trainer.json`` last: it is the commit marker, a folder without it is
 an incomplete checkpoint. Loading validates configs before touching any tensor, and raises
 :class:`~spg_dist.sae.config.SAEConfigError` naming the difference when the checkpoint belongs to other SAEs.
+
+This module is the one way in and out: :func:`save_checkpoint` and :func:`load_checkpoint` (into a given trainer,
+or a new one built from the checkpoint alone). The trainer itself knows nothing of files.
 """
 
 from __future__ import annotations
@@ -17,16 +20,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from spg_dist.sae import serialization
-from spg_dist.sae.config import SAEConfigError, config_diff
+from spg_dist.sae.config import SAEConfig, SAEConfigError, TrainConfig, config_diff
 from spg_dist.sae.model import TopKSAE
-
-if TYPE_CHECKING:
-    from spg_dist.sae.trainer import MultiSAETrainer
+from spg_dist.sae.preprocess import Preprocessing
+from spg_dist.sae.trainer import MultiSAETrainer
 
 TRAINER_JSON = "trainer.json"
 STATE_FILE = "state.safetensors"
@@ -36,7 +39,7 @@ def sae_file(i: int) -> str:
     return f"sae_{i:03d}.safetensors"
 
 
-def save_checkpoint(trainer: "MultiSAETrainer", directory: str | os.PathLike) -> Path:
+def save_checkpoint(trainer: MultiSAETrainer, directory: str | os.PathLike) -> Path:
     """Write ``trainer.state_dict()`` into ``directory`` (created if needed); returns the folder."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -60,7 +63,7 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def read_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
+def _read_state(directory: str | os.PathLike) -> dict[str, Any]:
     """``{"meta", "tensors"}`` as produced by ``MultiSAETrainer.state_dict`` (tensors on CPU)."""
     directory = Path(directory)
     meta = read_meta(directory)
@@ -75,10 +78,17 @@ def read_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
     return {"meta": meta, "tensors": tensors}
 
 
-def load_checkpoint(trainer: "MultiSAETrainer", directory: str | os.PathLike) -> None:
-    """Restore ``trainer`` from ``directory``; configs are checked (from the JSON alone) before tensors load."""
-    trainer.check_compatible(read_meta(directory))
-    trainer.load_state_dict(read_checkpoint(directory))
+def load_checkpoint(directory: str | os.PathLike, trainer: MultiSAETrainer | None = None,
+                    device: str | torch.device = "cpu") -> MultiSAETrainer:
+    """Restore ``trainer`` from ``directory`` (configs are checked from the JSON alone, before any tensor is read),
+    or, without a trainer, build one entirely from the checkpoint (configs, settings, preprocessing, state)."""
+    meta = read_meta(directory)
+    if trainer is None:
+        trainer = MultiSAETrainer([SAEConfig.from_dict(c) for c in meta["configs"]], TrainConfig.from_dict(meta["train"]),
+                                  Preprocessing.from_dict(meta["preprocessing"]), device=device)
+    trainer.check_compatible(meta)
+    trainer.load_state_dict(_read_state(directory))
+    return trainer
 
 
 def load_sae(directory: str | os.PathLike, i: int, device: str | None = None) -> TopKSAE:

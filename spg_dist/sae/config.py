@@ -12,12 +12,14 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+from spg_dist.errors import SpgError
+
 SPARSIFIERS = ("topk", "batchtopk")
 B_PRE_INITS = ("geometric_median", "mean", "zeros")
 SCALE_MODES = ("unit_mean_sq_norm", "none")
 
 
-class SAEConfigError(ValueError):
+class SAEConfigError(SpgError, ValueError):
     """A config that cannot describe a valid SAE, or state that belongs to a different config.
 
     One readable line naming the offending field(s), so a sweep log says what to fix.

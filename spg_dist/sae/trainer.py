@@ -13,12 +13,12 @@ counters global; the state is tensors + JSON (no pickle) for checkpoints (checkp
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from spg_dist.errors import SpgError
 from spg_dist.sae.config import SAEConfig, SAEConfigError, TrainConfig, config_diff
 from spg_dist.sae.metrics import explained_variance, l0
 from spg_dist.sae.model import TopKSAE
@@ -30,7 +30,7 @@ TRAINER_FORMAT = "spg_dist.sae.trainer/1"
 _STATS = ("loss", "nmse", "explained_variance", "l0", "aux_loss", "total_loss", "dead_fraction")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(SpgError, RuntimeError):
     """A step produced a NaN/inf loss (or gradient). Raised before any optimizer step: weights, optimizer
     state, trackers and counters are exactly as before the failed step, so the caller may skip the batch,
     lower the learning rate, or restore a checkpoint."""
@@ -346,31 +346,6 @@ class MultiSAETrainer:
         self._window = [{} for _ in self.configs]
         self._window_steps = [0] * len(self.configs)
         self.initialized = True
-
-    def save_checkpoint(self, directory: str | os.PathLike) -> None:
-        """Write a checkpoint folder (safetensors + JSON, see checkpoint.py)."""
-        from spg_dist.sae.checkpoint import save_checkpoint
-
-        save_checkpoint(self, directory)
-
-    def load_checkpoint(self, directory: str | os.PathLike) -> None:
-        """Restore from a checkpoint folder (SAEConfigError if it was written for other configs)."""
-        from spg_dist.sae.checkpoint import load_checkpoint
-
-        load_checkpoint(self, directory)
-
-    @classmethod
-    def from_checkpoint(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
-                        wrap: Callable[[nn.Module], nn.Module] | None = None) -> "MultiSAETrainer":
-        """A trainer rebuilt entirely from a checkpoint folder (configs, settings, preprocessing, state)."""
-        from spg_dist.sae.checkpoint import read_checkpoint
-
-        state = read_checkpoint(directory)
-        meta = state["meta"]
-        trainer = cls([SAEConfig.from_dict(c) for c in meta["configs"]], TrainConfig.from_dict(meta["train"]),
-                      Preprocessing.from_dict(meta["preprocessing"]), device=device, wrap=wrap)
-        trainer.load_state_dict(state)
-        return trainer
 
 
 def _finite(value: float) -> bool:

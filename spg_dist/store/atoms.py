@@ -20,14 +20,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lancedb.index import Bitmap, BTree
 
+from spg_dist.store import sae_models
+from spg_dist.store.codes import CODES, INDEX, TOP
 from spg_dist.store.connection import Store, StoreError
-from spg_dist.store.tokens import where_clause
+from spg_dist.store.filters import where
 
 TOP_COLUMNS = ("rank", "image_id", "category", "patch", "row", "col", "value")
 _ORDER = [("value", "descending"), ("image_id", "ascending"), ("patch", "ascending")]
 # (table, column) -> index kind. sae_id and category have few distinct values: Bitmap; atom has many: BTree.
-ATOM_INDEXES = {("atom_index", "atom"): BTree, ("atom_index", "sae_id"): Bitmap,
-                ("atom_index", "category"): Bitmap, ("atom_top", "atom"): BTree, ("atom_top", "sae_id"): Bitmap}
+ATOM_INDEXES = {(INDEX, "atom"): BTree, (INDEX, "sae_id"): Bitmap,
+                (INDEX, "category"): Bitmap, (TOP, "atom"): BTree, (TOP, "sae_id"): Bitmap}
 
 
 class AtomQueryError(StoreError, LookupError):
@@ -57,13 +59,13 @@ _INFO_CACHE: dict[tuple[str, str, int], SaeInfo] = {}
 
 def sae_info(store: Store, sae_id: str) -> SaeInfo:
     """Grid, k, C and categories of an encoded SAE; cached per (store, sae, sae_codes version)."""
-    if not store.has_table("sae_codes"):
+    if not store.has_table(CODES):
         raise AtomQueryError(f"{store.uri} has no sae_codes table; run `spg encode` for SAE {sae_id!r} first")
-    ds = store.table("sae_codes").to_lance()
+    ds = store.lance(CODES)
     key = (store.uri, sae_id, ds.version)
     if key in _INFO_CACHE:
         return _INFO_CACHE[key]
-    t = ds.to_table(columns=["category", "grid_h", "grid_w", "k"], filter=where_clause(sae_id=sae_id))
+    t = ds.to_table(columns=["category", "grid_h", "grid_w", "k"], filter=where(sae_id=sae_id))
     if t.num_rows == 0:
         known = sorted(set(ds.to_table(columns=["sae_id"]).column("sae_id").to_pylist()))
         raise AtomQueryError(f"no SAE codes for {sae_id!r} in {store.uri}; run `spg encode` for it first "
@@ -75,7 +77,7 @@ def sae_info(store: Store, sae_id: str) -> SaeInfo:
     sizes = pa.table({"category": t.column("category"),
                       "n": pc.multiply(t.column("grid_h").cast(pa.int64()), t.column("grid_w").cast(pa.int64()))})
     per_cat = sizes.group_by("category").aggregate([("n", "sum")]).sort_by("category")
-    model = store.read("sae_models", where_clause(sae_id=sae_id), ["C", "backbone", "layer"]).to_pylist()
+    model = store.read(sae_models.TABLE, where(sae_id=sae_id), ["C", "backbone", "layer"]).to_pylist()
     m = model[0] if model else {}
     info = SaeInfo(sae_id, int(gh), int(gw), int(k), m.get("C"), m.get("backbone"), m.get("layer"),
                    tuple(per_cat.column("category").to_pylist()), tuple(per_cat.column("n_sum").to_pylist()))
@@ -135,22 +137,22 @@ def top_patches(store: Store, sae_id: str, atom: int, n: int = 8, category: str 
     """
     info = sae_info(store, sae_id)
     _check(info, atom, category)
-    if category is None and store.has_table("atom_top"):
-        t = store.read("atom_top", where_clause(sae_id=sae_id, atom=int(atom)),
+    if category is None and store.has_table(TOP):
+        t = store.read(TOP, where(sae_id=sae_id, atom=int(atom)),
                        ["rank", "image_id", "category", "patch", "value"])
         if t.num_rows >= n:
             return _finish(t.sort_by("rank").slice(0, n).drop_columns(["rank"]), n, info.grid_w)
-    t = store.read("atom_index", where_clause(sae_id=sae_id, atom=int(atom), category=category),
+    t = store.read(INDEX, where(sae_id=sae_id, atom=int(atom), category=category),
                    ["image_id", "category", "patch", "value"])
-    if t.num_rows == 0 and store.count("atom_index", where_clause(sae_id=sae_id)) == 0:
+    if t.num_rows == 0 and store.count(INDEX, where(sae_id=sae_id)) == 0:
         raise AtomQueryError(f"atom_index has no rows for SAE {sae_id!r}; re-run `spg encode` for it")
     return _finish(t, n, info.grid_w)
 
 
-def _iter_codes(store: Store, sae_id: str, columns: list[str], where: str | None = None, batch_size: int = 256):
+def _iter_codes(store: Store, sae_id: str, columns: list[str], extra: str | None = None, batch_size: int = 256):
     """Stream sae_codes of one SAE as (batch, flat indices, flat values, row of each entry, entry within row)."""
-    filt = " AND ".join(f for f in (where_clause(sae_id=sae_id), where) if f)
-    ds = store.table("sae_codes").to_lance()
+    filt = where(extra, sae_id=sae_id)
+    ds = store.lance(CODES)
     for b in ds.to_batches(columns=[*columns, "indices", "values"], filter=filt, batch_size=batch_size):
         if b.num_rows == 0:
             continue
@@ -168,7 +170,7 @@ def brute_force_top(store: Store, sae_id: str, atom: int, n: int = 8, category: 
     _check(info, atom, category)
     parts = []
     for b, idx, vals, row, pos in _iter_codes(store, sae_id, ["image_id", "category", "k"],
-                                              where_clause(category=category)):
+                                              where(category=category)):
         hit = np.flatnonzero((idx == atom) & (vals > 0))     # value 0 is BatchTopK padding, not a firing
         k = b.column("k").to_numpy()[row[hit]]
         rows = pa.array(row[hit])
@@ -185,7 +187,7 @@ def activation_maps(store: Store, sae_id: str, image_ids: list[str], atom: int) 
     _check(info, atom)
     out: dict[str, np.ndarray] = {}
     for b, idx, vals, row, _ in _iter_codes(store, sae_id, ["image_id", "grid_h", "grid_w", "k"],
-                                            where_clause(image_id=list(set(image_ids)))):
+                                            where(image_id=list(set(image_ids)))):
         for r, (iid, gh, gw, k) in enumerate(zip(*(b.column(c).to_pylist()
                                                    for c in ("image_id", "grid_h", "grid_w", "k")))):
             sel = row == r
@@ -227,8 +229,8 @@ def atom_stats(store: Store, sae_id: str, per_patch: bool = True, batch_size: in
     ncat = len(cats)
     size = (info.C or 1) * ncat
     counts, mass, anom = np.zeros(size, np.int64), np.zeros(size), np.zeros(size // ncat)
-    ds, seen = store.table("atom_index").to_lance(), 0
-    for b in ds.to_batches(columns=["atom", "category", "label", "value"], filter=where_clause(sae_id=sae_id),
+    ds, seen = store.lance(INDEX), 0
+    for b in ds.to_batches(columns=["atom", "category", "label", "value"], filter=where(sae_id=sae_id),
                            batch_size=batch_size):
         if b.num_rows == 0:
             continue

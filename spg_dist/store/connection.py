@@ -20,10 +20,11 @@ import lancedb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from spg_dist.errors import SpgError
 from spg_dist.store.schemas import VERSION_KEY, SchemaError, TableSchema, load_schema
 
 
-class StoreError(RuntimeError):
+class StoreError(SpgError, RuntimeError):
     """The store cannot be used as asked (wrong schema version, missing table, bad URI)."""
 
 
@@ -70,14 +71,25 @@ class Store:
                              f"version {schema.version}; migrate it or use a new store")
         return tbl
 
+    def lance(self, name: str):
+        """The table as a ``lance.LanceDataset`` (latest version), for scanners and fragment commits."""
+        return self.table(name).to_lance()
+
     def lance_uri(self, name: str) -> str:
         """Where the table's Lance dataset lives (what fragment writers write next to)."""
-        return self.table(name).to_lance().uri
+        return self.lance(name).uri
 
     def count(self, name: str, where: str | None = None) -> int:
         if not self.has_table(name):
             return 0
         return self.db.open_table(name).count_rows(where)
+
+    def counts(self) -> dict[str, int]:
+        """Rows of every table the store holds (in schema order), for summaries."""
+        from spg_dist.store.schemas import known_tables
+
+        have = set(self.db.list_tables().tables)
+        return {t: self.db.open_table(t).count_rows() for t in known_tables() if t in have}
 
     def read(self, name: str, where: str | None = None, columns: Sequence[str] | None = None) -> pa.Table:
         """A whole (filtered) table as Arrow; for big tensor tables prefer the streaming readers."""

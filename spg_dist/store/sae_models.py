@@ -1,46 +1,55 @@
-"""Reading trained SAEs back from ``sae_models``: the row, and the model rebuilt from its safetensors bytes."""
+"""``sae_models``: one row per trained SAE (what it was trained on, config, metrics, safetensors weights).
+
+Rows and bytes only: turning ``weights`` into a model is ``spg_dist.sae.TopKSAE.from_bytes``'s job, so the store
+knows no method.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Sequence
 
+import pyarrow as pa
+
+from spg_dist.errors import UnknownNameError
 from spg_dist.store.connection import Store
-from spg_dist.store.tokens import sql_literal
+from spg_dist.store.filters import where
+
+TABLE = "sae_models"
+# every column but the two byte columns: what listings and planning read
+INFO_COLUMNS = ("sae_id", "backbone", "layer", "d", "C", "k", "sparsifier", "run", "config", "metrics", "nmse",
+                "explained_variance", "l0", "dead_fraction", "steps", "tokens_seen", "run_dir", "created_at")
 
 
-class UnknownSAEError(LookupError):
+class UnknownSAEError(UnknownNameError):
     """No ``sae_models`` row with that id; the message lists the ids that exist."""
 
 
-def sae_row(store: Store, sae_id: str, with_weights: bool = True) -> dict[str, Any]:
-    cols = None if with_weights else ["sae_id", "backbone", "layer", "d", "C", "k", "sparsifier", "run", "config",
-                                      "metrics", "nmse", "explained_variance", "l0", "dead_fraction", "steps",
-                                      "tokens_seen", "run_dir"]
-    tbl = store.read("sae_models", where=f"sae_id = {sql_literal(sae_id)}", columns=cols)
+def get(store: Store, sae_id: str, with_weights: bool = True) -> dict[str, Any]:
+    """The row of ``sae_id`` (weights included unless ``with_weights=False``), or :class:`UnknownSAEError`."""
+    tbl = store.read(TABLE, where=where(sae_id=sae_id), columns=None if with_weights else list(INFO_COLUMNS))
     if tbl.num_rows == 0:
-        known = store.read("sae_models", columns=["sae_id"]).column("sae_id").to_pylist()
-        raise UnknownSAEError(f"no SAE {sae_id!r} in {store.uri}; known: {', '.join(sorted(known)) or 'none'} "
-                              f"(train one with `spg train-sae`)")
+        known = sorted(store.read(TABLE, columns=["sae_id"]).column("sae_id").to_pylist())
+        from difflib import get_close_matches
+
+        close = get_close_matches(sae_id, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UnknownSAEError(f"no SAE {sae_id!r} in {store.uri}; {hint}known: {', '.join(known[:8]) or 'none'}"
+                              f"{' …' if len(known) > 8 else ''} (train one with `spg train-sae`)")
     return tbl.to_pylist()[0]
 
 
-def raw_token_dim(row: dict[str, Any]) -> int:
-    """Dimension of the stored tokens an SAE reads: its ``d`` minus what its recorded preprocessing appends."""
-    import json
-
-    from spg_dist.sae import Preprocessing
-
-    pre = Preprocessing.from_dict(json.loads(row["config"]).get("preprocessing"))
-    return int(row["d"]) - pre.extra_dims
+def list_rows(store: Store, columns: Sequence[str] = ("sae_id", "backbone", "layer", "C", "k", "sparsifier",
+                                                       "nmse", "l0", "dead_fraction", "steps")) -> list[dict]:
+    return store.read(TABLE, columns=list(columns)).to_pylist()
 
 
-def list_saes(store: Store) -> list[dict[str, Any]]:
-    return store.read("sae_models", columns=["sae_id", "backbone", "layer", "C", "k", "sparsifier", "nmse", "l0",
-                                             "dead_fraction", "steps"]).to_pylist()
+def of_run(store: Store, run: str) -> list[dict[str, Any]]:
+    """Registered rows of one training run (without bytes)."""
+    return store.read(TABLE, where=where(run=run), columns=list(INFO_COLUMNS)).to_pylist()
 
 
-def load_sae(store: Store, sae_id: str, device: str = "cpu"):
-    """The trained ``TopKSAE`` (eval mode) with its recorded token preprocessing."""
-    from spg_dist.sae import TopKSAE
+def upsert(store: Store, rows: pa.Table | Iterable[dict[str, Any]]) -> int:
+    return store.upsert(TABLE, rows)
 
-    return TopKSAE.from_bytes(sae_row(store, sae_id)["weights"]).to(device).eval()
+
+__all__ = ["INFO_COLUMNS", "TABLE", "UnknownSAEError", "get", "list_rows", "of_run", "upsert"]

@@ -16,6 +16,8 @@ from importlib import resources
 
 import pyarrow as pa
 
+from spg_dist.errors import SpgError
+
 VERSION_KEY = b"spg.schema_version"
 TABLE_KEY = b"spg.table"
 
@@ -37,7 +39,7 @@ _PRIMITIVES = {
 }
 
 
-class SchemaError(ValueError):
+class SchemaError(SpgError, ValueError):
     """A batch that does not fit its table's schema; the message names table, column and row."""
 
 
@@ -101,16 +103,20 @@ def _first_null(col: pa.ChunkedArray) -> int:
 
 
 @lru_cache(maxsize=None)
-def load_schema(table: str) -> TableSchema:
-    """The schema of ``table`` as declared in ``schemas/<table>.json``."""
+def load_schema(table: str, dim: int | None = None) -> TableSchema:
+    """The schema of ``table`` as declared in ``schemas/<table>.json``; a family whose vector width varies by table
+    (``fixed_size_list<float32>[{dim}]``, e.g. ``knn_bank``) is instantiated with ``dim``."""
     try:
         text = resources.files("spg_dist.schemas").joinpath(f"{table}.json").read_text()
     except FileNotFoundError:
         raise SchemaError(f"no schema file for table {table!r}; known tables: {known_tables()}") from None
     doc = json.loads(text)
+    templated = any("{dim}" in f["type"] for f in doc["fields"])
+    if templated and dim is None:
+        raise SchemaError(f"table family {table!r} needs a vector width: load_schema({table!r}, dim=D)")
     fields = [
-        pa.field(f["name"], parse_type(f["type"]), nullable=f.get("nullable", True),
-                 metadata={b"doc": f.get("doc", "").encode()})
+        pa.field(f["name"], parse_type(f["type"].replace("{dim}", str(dim)) if templated else f["type"]),
+                 nullable=f.get("nullable", True), metadata={b"doc": f.get("doc", "").encode()})
         for f in doc["fields"]
     ]
     meta = {VERSION_KEY: str(doc["version"]).encode(), TABLE_KEY: doc["table"].encode(),
@@ -120,4 +126,13 @@ def load_schema(table: str) -> TableSchema:
 
 
 def known_tables() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("spg_dist.schemas").iterdir() if p.name.endswith(".json"))
+    """Tables with one fixed schema (families of per-width tables such as ``knn_bank`` are listed by
+    :func:`table_families`)."""
+    return sorted(p.name[:-5] for p in resources.files("spg_dist.schemas").iterdir()
+                  if p.name.endswith(".json") and "{dim}" not in p.read_text())
+
+
+def table_families() -> list[str]:
+    """Schema files that describe a family of tables named ``<family>_<id>`` (one vector width each)."""
+    return sorted(p.name[:-5] for p in resources.files("spg_dist.schemas").iterdir()
+                  if p.name.endswith(".json") and "{dim}" in p.read_text())

@@ -22,7 +22,8 @@ from matplotlib.patches import Rectangle
 from spg_dist.data.imageio import ImageDecodeError, load_image
 from spg_dist.store.atoms import activation_maps, sae_info
 from spg_dist.store.connection import Store
-from spg_dist.store.tokens import where_clause
+from spg_dist.store import images, tokens
+from spg_dist.store.tokens import TokenSelection
 from spg_dist.viz.figures import save_figure
 
 DEFAULT_PATCH_PX = 16  # patch side assumed when the extraction size is unknown (no patch_tokens rows)
@@ -54,10 +55,10 @@ def _rows(rows: Any) -> list[dict]:
 def _extraction_sizes(store: Store, sae_id: str, image_ids: Sequence[str]) -> dict[str, int]:
     """Side of the square each image was resized to before the backbone (from patch_tokens' scalars)."""
     info = sae_info(store, sae_id)
-    if info.backbone is None or not store.has_table("patch_tokens"):
+    if info.backbone is None:
         return {}
-    t = store.read("patch_tokens", where_clause(backbone=info.backbone, layer=info.layer, image_id=list(image_ids)),
-                   ["image_id", "image_size"])
+    t = tokens.metadata(store, TokenSelection.of(info.backbone, info.layer, image_ids=list(image_ids)),
+                        ["image_id", "image_size"])
     return dict(zip(t.column("image_id").to_pylist(), t.column("image_size").to_pylist()))
 
 
@@ -80,7 +81,7 @@ def atom_gallery_png(store: Store, sae_id: str, atom: int, rows: Any, out_path: 
         return save_figure(fig, out_path)
     info = sae_info(store, sae_id)
     ids = list(dict.fromkeys(r["image_id"] for r in rows))
-    imgs = store.read("images", where_clause(image_id=ids), ["image_id", "image_uri"])
+    imgs = images.rows(store, image_ids=ids, columns=["image_id", "image_uri"])
     uris = dict(zip(imgs.column("image_id").to_pylist(), imgs.column("image_uri").to_pylist()))
     sizes = {} if image_size else _extraction_sizes(store, sae_id, ids)
     maps = activation_maps(store, sae_id, ids, atom)

@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 from spg_dist.backbones import check_weights, get_config, resolve_layers
 from spg_dist.data.records import ImageRecord
 from spg_dist.data.spec import list_records
-from spg_dist.distributed.extract_ops import PASS_COLUMNS, RECORD_COLUMNS, EncodeActor, decode_batch, write_fragment_batch
-from spg_dist.distributed.runtime import cluster_gpus, ensure_ray
-from spg_dist.store import Store, where_clause
+from spg_dist.ray.extract_ops import (PASS_COLUMNS, RECORD_COLUMNS, EncodeActor, decode_batch,
+                                      write_fragment_batch)
+from spg_dist.ray.runtime import cluster_gpus, ensure_ray
+from spg_dist.store import Store, images, tokens
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +60,18 @@ def backbone_id_for(backbone: str, weights: str | None) -> str:
     return f"{backbone}@{os.path.basename(os.path.normpath(weights))}"
 
 
-def extract(dataset: str, backbone: str, store: str | Store, *, weights: str | None = None,
+def extract(store: str | Store, dataset: str, backbone: str, *, weights: str | None = None,
             layers: Sequence[int] | None = None, image_size: int | None = None,
             categories: Sequence[str] | None = None, backbone_id: str | None = None,
             batch_size: int = 16, num_actors: int = 1, gpus_per_actor: float | None = None,
             cpus_per_actor: float = 1.0, rows_per_fragment: int | None = None, commit_every_s: float = 30.0,
             address: str | None = None, num_cpus: int | None = None, progress: bool = True,
-            records: Sequence[ImageRecord] | None = None) -> ExtractResult:
+            corruptions: int = 0, records: Sequence[ImageRecord] | None = None) -> ExtractResult:
     """Extract patch tokens of ``dataset`` (``mvtec:PATH`` | ``visa:PATH`` | ``folder:PATH``) into ``store``.
 
     ``gpus_per_actor`` None means one GPU per actor when the cluster has GPUs, CPU actors otherwise.
+    ``corruptions`` N > 0 also stores the tokens of N CutPaste-corrupted copies of every normal train image
+    (``<image_id>#cutpaste<j>``, paired with the clean image by ``source_image_id``; masks in ``corruptions``).
     """
     import ray
 
@@ -78,16 +81,22 @@ def extract(dataset: str, backbone: str, store: str | Store, *, weights: str | N
     check_weights(backbone, weights)  # wrong weights fail here, not in every actor of the pool
     size = image_size or config.image_size
     recs = list(records) if records is not None else list_records(dataset, categories=categories)
+    if corruptions < 0:
+        raise ValueError(f"corruptions must be >= 0, got {corruptions}")
+    items_all = [{**{k: getattr(r, k) for k in RECORD_COLUMNS}, "source_image_id": "", "corruption": 0} for r in recs]
+    items_all += [{**{k: getattr(r, k) for k in RECORD_COLUMNS}, "image_id": corrupted_id(r.image_id, j), "label": 1,
+                   "defect_type": "cutpaste", "mask_uri": "", "source_image_id": r.image_id, "corruption": j}
+                  for r in recs if r.split == "train" and r.label == 0 for j in range(1, corruptions + 1)]
     bid = backbone_id or backbone_id_for(backbone, weights)
     layer_list = sorted(set(resolve_layers(layers, config.num_layers, backbone)))
 
-    existing = store.keys("patch_tokens", where=where_clause(backbone=bid, layer=layer_list))
+    existing = tokens.stored_keys(store, bid, layer_list)
     have: dict[str, set[int]] = {}
     for _, layer, image_id in existing:
         have.setdefault(image_id, set()).add(int(layer))
-    todo = [r for r in recs if not have.get(r.image_id, set()) >= set(layer_list)]
-    partial = frozenset((r.image_id, layer) for r in todo for layer in have.get(r.image_id, ()))
-    result = ExtractResult(bid, layer_list, len(recs), len(recs) - len(todo), 0)
+    todo = [it for it in items_all if not have.get(it["image_id"], set()) >= set(layer_list)]
+    partial = frozenset((it["image_id"], layer) for it in todo for layer in have.get(it["image_id"], ()))
+    result = ExtractResult(bid, layer_list, len(items_all), len(items_all) - len(todo), 0)
     if not todo:
         result.seconds = time.perf_counter() - t0
         return result
@@ -96,13 +105,12 @@ def extract(dataset: str, backbone: str, store: str | Store, *, weights: str | N
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if cluster_gpus() >= 1 else 0.0
     device = "cuda" if gpus_per_actor > 0 else "cpu"
-    lance_uri = store.lance_uri("patch_tokens")
+    lance_uri = tokens.lance_uri(store)
     if rows_per_fragment is None:  # aim for ~64 MB fragments: few files, bounded writer memory
         row_bytes = config.grid[0] * config.grid[1] * config.dim * 2 * (size / config.image_size) ** 2
         rows_per_fragment = int(max(batch_size, min(4096, 64e6 // max(row_bytes, 1))))
 
-    items = [{k: getattr(r, k) for k in RECORD_COLUMNS} for r in todo]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size, 512)))
+    ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // batch_size, 512)))
     ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": size, "resample": config.preprocess.resample},
                         batch_size=batch_size,
                         batch_format="numpy", num_cpus=0.5)
@@ -116,26 +124,30 @@ def extract(dataset: str, backbone: str, store: str | Store, *, weights: str | N
                         batch_size=rows_per_fragment, batch_format="pyarrow", num_cpus=0.5)
 
     pending: list[str] = []
-    images: dict[str, dict] = {}
+    image_rows: dict[str, dict] = {}
+    corruption_rows: dict[str, dict] = {}
     errors: dict[tuple, dict] = {}
     last_commit = time.monotonic()
     bar = tqdm(total=len(todo) * len(layer_list), unit="row", desc=f"extract {bid}", disable=not progress)
 
     def commit() -> None:
         nonlocal pending, last_commit
-        result.rows_written += store.commit_fragments("patch_tokens", pending)
-        if images:
-            store.upsert("images", list(images.values()))
+        result.rows_written += tokens.commit(store, pending)
+        if image_rows:
+            images.upsert(store, list(image_rows.values()))
+        if corruption_rows:
+            images.upsert_corruptions(store, list(corruption_rows.values()))
         if errors:
-            store.upsert("errors", list(errors.values()))
+            images.upsert_errors(store, list(errors.values()))
         result.errors.extend(errors.values())
         pending, last_commit = [], time.monotonic()
-        images.clear()
+        image_rows.clear()
+        corruption_rows.clear()
         errors.clear()
 
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            _collect(batch, bid, pending, images, errors, result)
+            _collect(batch, bid, size, pending, image_rows, corruption_rows, errors, result)
             bar.update(batch.num_rows)
             if time.monotonic() - last_commit >= commit_every_s:
                 commit()
@@ -148,8 +160,13 @@ def extract(dataset: str, backbone: str, store: str | Store, *, weights: str | N
     return result
 
 
-def _collect(batch: pa.Table, bid: str, pending: list[str], images: dict, errors: dict,
-             result: ExtractResult) -> None:
+def corrupted_id(image_id: str, j: int) -> str:
+    """The key of the j-th corrupted copy of an image."""
+    return f"{image_id}#cutpaste{j}"
+
+
+def _collect(batch: pa.Table, bid: str, size: int, pending: list[str], image_rows: dict, corruption_rows: dict,
+             errors: dict, result: ExtractResult) -> None:
     now = pa.scalar(time.time() * 1e6, pa.int64()).cast(pa.timestamp("us")).as_py()
     for extra in batch.column("fragments").to_pylist():
         if extra:
@@ -163,8 +180,17 @@ def _collect(batch: pa.Table, bid: str, pending: list[str], images: dict, errors
                 stage=row["error_stage"], backbone=bid, image_id=row["image_id"], dataset=row["dataset"],
                 uri=row["image_uri"], reason=row["error"], created_at=now)
             continue
+        if row["source_image_id"]:
+            from spg_dist.data.corruptions import corruption_seed
+
+            corruption_rows[row["image_id"]] = dict(
+                image_id=row["image_id"], source_image_id=row["source_image_id"], dataset=row["dataset"],
+                category=row["category"], kind="cutpaste-union",
+                seed=corruption_seed(row["source_image_id"], int(row["corruption"])), image_size=size,
+                mask_png=row["corruption_png"], created_at=now)
+            continue
         if row["mask_error"]:
             errors[("mask", "", row["image_id"])] = dict(
                 stage="mask", backbone="", image_id=row["image_id"], dataset=row["dataset"],
                 uri=row["mask_uri"] or row["image_uri"], reason=row["mask_error"], created_at=now)
-        images[row["image_id"]] = {k: row[k] for k in (*RECORD_COLUMNS, "width", "height")}
+        image_rows[row["image_id"]] = {k: row[k] for k in (*RECORD_COLUMNS, "width", "height")}

@@ -17,10 +17,11 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from spg_dist.distributed.sae_data import NoTokensError
-from spg_dist.store import Store, load_schema, tokens_from_arrow, where_clause, write_fragment
-from spg_dist.store.sae_models import raw_token_dim, sae_row
-from spg_dist.store.tokens import sql_literal
+from spg_dist.sae import TopKSAE
+
+from spg_dist.errors import NoTokensError
+from spg_dist.store import Store, codes, load_schema, sae_models, tokens, tokens_from_arrow, write_fragment
+from spg_dist.store.tokens import TokenSelection
 
 META = ("image_id", "dataset", "category", "split", "label")
 
@@ -46,8 +47,6 @@ class SAEEncodeActor:
     def __init__(self, weights: bytes, sae_id: str, device: str = "cpu"):
         import torch
 
-        from spg_dist.sae import TopKSAE
-
         self.torch = torch
         self.sae = TopKSAE.from_bytes(weights).to(device).eval()
         self.sae_id, self.device = sae_id, device
@@ -67,22 +66,22 @@ class SAEEncodeActor:
                     grid_w=pa.array([w] * n, pa.int16()), k=pa.array([k] * n, pa.int32()),
                     indices=pa.LargeListArray.from_arrays(offsets, pa.array(indices.cpu().numpy().astype(np.int32).ravel())),
                     values=pa.LargeListArray.from_arrays(offsets, pa.array(values.float().cpu().numpy().ravel())))
-        return load_schema("sae_codes").validate(pa.table(cols))
+        return load_schema(codes.CODES).validate(pa.table(cols))
 
 
-def atom_rows(codes: pa.Table) -> pa.Table:
+def atom_rows(rows: pa.Table) -> pa.Table:
     """``atom_index`` rows (non-zero activations) of ``sae_codes`` rows sharing one grid and k."""
-    n = codes.num_rows
-    k = int(codes.column("k")[0].as_py())
-    p = int(codes.column("grid_h")[0].as_py()) * int(codes.column("grid_w")[0].as_py())
-    idx = codes.column("indices").combine_chunks().flatten().to_numpy().reshape(n, p, k)
-    val = codes.column("values").combine_chunks().flatten().to_numpy().reshape(n, p, k)
+    n = rows.num_rows
+    k = int(rows.column("k")[0].as_py())
+    p = int(rows.column("grid_h")[0].as_py()) * int(rows.column("grid_w")[0].as_py())
+    idx = rows.column("indices").combine_chunks().flatten().to_numpy().reshape(n, p, k)
+    val = rows.column("values").combine_chunks().flatten().to_numpy().reshape(n, p, k)
     img, patch, _ = np.nonzero(val > 0)
     nz = val > 0
     take = pa.array(img)
-    return pa.table({"sae_id": codes.column("sae_id").take(take), "atom": pa.array(idx[nz], pa.int32()),
-                     "image_id": codes.column("image_id").take(take), "category": codes.column("category").take(take),
-                     "split": codes.column("split").take(take), "label": codes.column("label").take(take),
+    return pa.table({"sae_id": rows.column("sae_id").take(take), "atom": pa.array(idx[nz], pa.int32()),
+                     "image_id": rows.column("image_id").take(take), "category": rows.column("category").take(take),
+                     "split": rows.column("split").take(take), "label": rows.column("label").take(take),
                      "patch": pa.array(patch, pa.int32()), "value": pa.array(val[nz], pa.float32())})
 
 
@@ -97,19 +96,19 @@ def top_per_atom(atoms: np.ndarray, values: np.ndarray, n: int, image_ids: np.nd
     return order[rank < n]
 
 
-def write_codes_batch(codes: pa.Table, codes_uri: str, index_uri: str, top_n: int,
+def write_codes_batch(rows: pa.Table, codes_uri: str, index_uri: str, top_n: int,
                       storage_options: dict | None = None) -> pa.Table:
     """Write a fragment of sae_codes and of atom_index; return the batch's top-N candidates per atom."""
-    idx_rows = atom_rows(codes)
-    frags = {"sae_codes": write_fragment(codes_uri, codes, load_schema("sae_codes"), storage_options),
-             "atom_index": write_fragment(index_uri, idx_rows, load_schema("atom_index"), storage_options)}
+    idx_rows = atom_rows(rows)
+    frags = {codes.CODES: write_fragment(codes_uri, rows, load_schema(codes.CODES), storage_options),
+             codes.INDEX: write_fragment(index_uri, idx_rows, load_schema(codes.INDEX), storage_options)}
     keep = _top(idx_rows, top_n)
-    cand = idx_rows.take(pa.array(keep)).select(["atom", "image_id", "category", "patch", "value"])
-    info = json.dumps({"fragments": frags, "images": codes.num_rows, "atom_rows": idx_rows.num_rows})
+    cand = idx_rows.take(pa.array(keep)).select(list(codes.TOP_SOURCE_COLUMNS))
+    info = json.dumps({"fragments": frags, "images": rows.num_rows, "atom_rows": idx_rows.num_rows})
     return cand.append_column("info", pa.array([info] + [""] * (cand.num_rows - 1), pa.string()))
 
 
-def encode(sae_id: str, store: str | Store, *, dataset: Sequence[str] | None = None,
+def encode(store: str | Store, sae_id: str, *, dataset: Sequence[str] | None = None,
            categories: Sequence[str] | None = None, top_n: int = 64, batch_size: int = 16, num_actors: int = 1,
            use_gpu: bool | None = None, commit_every_s: float = 30.0, address: str | None = None,
            num_cpus: int | None = None, progress: bool = True) -> EncodeResult:
@@ -117,25 +116,25 @@ def encode(sae_id: str, store: str | Store, *, dataset: Sequence[str] | None = N
     import lance_ray
     import ray
 
-    from spg_dist.distributed.runtime import cluster_gpus, ensure_ray
+    from spg_dist.ray.runtime import cluster_gpus, ensure_ray
     from spg_dist.store.atoms import ensure_atom_indexes
 
     t0 = time.perf_counter()
     store = store if isinstance(store, Store) else Store(store)
-    row = sae_row(store, sae_id)
-    where = where_clause(backbone=row["backbone"], layer=row["layer"], dataset=list(dataset) if dataset else None,
-                         category=list(categories) if categories else None)
-    ids = store.read("patch_tokens", where=where, columns=["image_id", "dim"])
-    if ids.num_rows == 0:
-        raise NoTokensError(f"no patch_tokens for {where} in {store.uri}: run `spg extract` first")
+    row = sae_models.get(store, sae_id)
+    sel = TokenSelection.of(row["backbone"], row["layer"], dataset=list(dataset) if dataset else None,
+                            category=list(categories) if categories else None)
+    ids = tokens.require(store, sel, "tokens to encode", ["image_id", "dim"])
+    want_dim = TopKSAE.from_bytes(row["weights"]).raw_dim
     dims = set(ids.column("dim").to_pylist())
-    if dims != {raw_token_dim(row)}:
-        raise NoTokensError(f"SAE {sae_id} expects tokens of dim {raw_token_dim(row)}, the store has {sorted(dims)} "
-                            f"for {where}")
+    if dims != {want_dim}:
+        raise NoTokensError(f"SAE {sae_id} reads tokens of dim {want_dim}, the store has {sorted(dims)} for "
+                            f"{sel.describe()}")
     all_ids = set(ids.column("image_id").to_pylist())
-    done = {i for _, i in store.keys("sae_codes", where=f"sae_id = {sql_literal(sae_id)}")} & all_ids
+    done = codes.encoded_image_ids(store, sae_id) & all_ids
     todo = sorted(all_ids - done)
-    _drop_orphan_atoms(store, sae_id, todo, partial=bool(done))
+    if todo:  # atom_index rows of images whose codes are missing (a crash between the two commits): drop them
+        codes.drop_atoms(store, sae_id, None if not done else todo)
     result = EncodeResult(sae_id, 0, len(done), 0, 0.0, top_n)
     cand = pa.table({"atom": pa.array([], pa.int32()), "image_id": pa.array([], pa.string()),
                      "category": pa.array([], pa.string()), "patch": pa.array([], pa.int32()),
@@ -143,8 +142,8 @@ def encode(sae_id: str, store: str | Store, *, dataset: Sequence[str] | None = N
     if todo:
         ensure_ray(address, num_cpus)
         gpu = (cluster_gpus() >= 1) if use_gpu is None else use_gpu
-        flt = where if not done else f"{where} AND image_id IN ({', '.join(sql_literal(i) for i in todo)})"
-        ds = lance_ray.read_lance(store.lance_uri("patch_tokens"),
+        flt = sel.where() if not done else TokenSelection.of(sel.backbone, sel.layer, image_ids=todo).where()
+        ds = lance_ray.read_lance(tokens.lance_uri(store),
                                   columns=[*META, "grid_h", "grid_w", "dim", "tokens"], filter=flt,
                                   storage_options=store.storage_options)
         ds = ds.map_batches(SAEEncodeActor, fn_constructor_kwargs=dict(weights=row["weights"], sae_id=sae_id,
@@ -152,20 +151,18 @@ def encode(sae_id: str, store: str | Store, *, dataset: Sequence[str] | None = N
                             batch_size=batch_size, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=num_actors),
                             **({"num_gpus": 1} if gpu else {"num_cpus": 1}))
-        ds = ds.map_batches(write_codes_batch, fn_kwargs=dict(codes_uri=store.lance_uri("sae_codes"),
-                                                              index_uri=store.lance_uri("atom_index"), top_n=top_n,
+        uris = codes.lance_uris(store)
+        ds = ds.map_batches(write_codes_batch, fn_kwargs=dict(codes_uri=uris[codes.CODES],
+                                                              index_uri=uris[codes.INDEX], top_n=top_n,
                                                               storage_options=store.storage_options),
                             batch_size=batch_size * 4, batch_format="pyarrow", num_cpus=0.5)
-        pending: dict[str, list[str]] = {"sae_codes": [], "atom_index": []}
+        pending: dict[str, list[str]] = {codes.CODES: [], codes.INDEX: []}
         last = time.monotonic()
 
         def commit() -> None:
             nonlocal last
-            # atom_index first: a crash between the two leaves codes missing, which a re-run redoes (after
-            # dropping those images' atom rows), never codes without their index rows.
-            store.commit_fragments("atom_index", pending["atom_index"])
-            store.commit_fragments("sae_codes", pending["sae_codes"])
-            pending["atom_index"], pending["sae_codes"], last = [], [], time.monotonic()
+            codes.commit(store, pending)  # atom_index first: see codes.commit
+            pending[codes.INDEX], pending[codes.CODES], last = [], [], time.monotonic()
 
         bar = tqdm(total=len(todo), unit="img", desc=f"encode {sae_id}", disable=not progress)
         try:
@@ -201,8 +198,7 @@ def _reduce(cand: pa.Table, top_n: int) -> pa.Table:
 
 def _write_atom_top(store: Store, sae_id: str, cand: pa.Table, top_n: int) -> None:
     """Merge this run's candidates with the stored top-N (the stored top-N is all a re-run needs)."""
-    old = store.read("atom_top", where=f"sae_id = {sql_literal(sae_id)}",
-                     columns=["atom", "image_id", "category", "patch", "value"])
+    old = codes.read_top(store, sae_id)
     allc = pa.concat_tables([old.cast(cand.schema), cand]) if old.num_rows else cand
     if allc.num_rows == 0:
         return
@@ -213,27 +209,10 @@ def _write_atom_top(store: Store, sae_id: str, cand: pa.Table, top_n: int) -> No
     atoms = top.column("atom").to_numpy()
     starts = np.r_[0, np.flatnonzero(atoms[1:] != atoms[:-1]) + 1]
     rank = np.arange(len(atoms)) - np.repeat(starts, np.diff(np.r_[starts, len(atoms)]))
-    grid_w = int(store.read("sae_codes", where=f"sae_id = {sql_literal(sae_id)}", columns=["grid_w"])
-                 .column("grid_w")[0].as_py())
+    grid_w = codes.grid_w(store, sae_id)
     patch = top.column("patch").to_numpy()
-    store.upsert("atom_top", pa.table({
+    codes.upsert_top(store, pa.table({
         "sae_id": [sae_id] * top.num_rows, "atom": top.column("atom"), "rank": pa.array(rank, pa.int32()),
         "image_id": top.column("image_id"), "category": top.column("category"), "patch": top.column("patch"),
         "row": pa.array(patch // grid_w, pa.int16()), "col": pa.array(patch % grid_w, pa.int16()),
         "value": top.column("value")}))
-
-
-def _drop_orphan_atoms(store: Store, sae_id: str, todo: list[str], partial: bool) -> None:
-    """atom_index rows of images whose codes are not stored (a crash between the two commits): remove them
-    before re-encoding those images, so nothing is counted twice."""
-    if not store.has_table("atom_index") or not todo:
-        return
-    tbl = store.table("atom_index")
-    if not partial:  # nothing encoded yet: whatever index/top rows exist for this SAE are orphans
-        tbl.delete(f"sae_id = {sql_literal(sae_id)}")
-        if store.has_table("atom_top"):
-            store.table("atom_top").delete(f"sae_id = {sql_literal(sae_id)}")
-        return
-    for i in range(0, len(todo), 500):
-        chunk = ", ".join(sql_literal(x) for x in todo[i:i + 500])
-        tbl.delete(f"sae_id = {sql_literal(sae_id)} AND image_id IN ({chunk})")

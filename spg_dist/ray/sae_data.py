@@ -10,35 +10,19 @@ from __future__ import annotations
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 
+import pyarrow as pa
+
+from spg_dist.errors import NoTokensError
 from spg_dist.sae.preprocess import Preprocessing
-from spg_dist.store import Store, where_clause
+from spg_dist.store import Store, tokens
+from spg_dist.store.tokens import TokenSelection, flat_values
 
 
-class NoTokensError(LookupError):
-    """No stored tokens match the requested backbone/layer/filter; the message says what the store does hold."""
-
-
-@dataclass(frozen=True)
-class TokenFilter:
-    backbone: str
-    layer: int
-    dataset: tuple[str, ...] | None = None
-    category: tuple[str, ...] | None = None
-    split: str | None = None
-
-    def where(self) -> str:
-        return where_clause(backbone=self.backbone, layer=self.layer,
-                            dataset=list(self.dataset) if self.dataset else None,
-                            category=list(self.category) if self.category else None, split=self.split) or "true"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"backbone": self.backbone, "layer": self.layer, "dataset": list(self.dataset or []),
-                "category": list(self.category or []), "split": self.split}
 
 
 @dataclass(frozen=True)
@@ -52,34 +36,25 @@ class TokenStats:
         return self.tokens * self.dim * 2
 
 
-def token_stats(store: Store, flt: TokenFilter) -> TokenStats:
-    """Counts from the metadata columns only (no token bytes read); raises NoTokensError when nothing matches."""
-    tbl = store.read("patch_tokens", where=flt.where(), columns=["grid_h", "grid_w", "dim"])
-    if tbl.num_rows == 0:
-        have = store.read("patch_tokens", columns=["backbone", "layer"])
-        pairs = sorted(set(zip(have.column("backbone").to_pylist(), have.column("layer").to_pylist())))
-        raise NoTokensError(f"no patch_tokens in {store.uri} for {flt.where()}; the store holds "
-                            f"{', '.join(f'{b} layer {l}' for b, l in pairs) or 'no tokens'} (run `spg extract` first)")
-    dims = set(tbl.column("dim").to_pylist())
+def token_stats(meta: pa.Table, flt: TokenSelection) -> TokenStats:
+    """Counts from metadata rows (``tokens.require``: no token bytes read)."""
+    dims = set(meta.column("dim").to_pylist())
     if len(dims) != 1:
-        raise NoTokensError(f"tokens for {flt.where()} have several dims {sorted(dims)}; filter further")
-    n = int(np.sum(np.asarray(tbl.column("grid_h")) * np.asarray(tbl.column("grid_w"), dtype=np.int64)))
-    return TokenStats(tbl.num_rows, n, dims.pop())
+        raise NoTokensError(f"tokens for {flt.describe()} have several dims {sorted(dims)}; filter further")
+    n = int(np.sum(np.asarray(meta.column("grid_h"), dtype=np.int64) * np.asarray(meta.column("grid_w"), dtype=np.int64)))
+    return TokenStats(meta.num_rows, n, dims.pop())
 
 
 def owner(image_id: str, world: int) -> int:
     return zlib.crc32(image_id.encode()) % world
 
 
-def _read_shard(store: Store, flt: TokenFilter, rank: int, world: int) -> tuple[torch.Tensor, np.ndarray]:
+def _read_shard(store: Store, flt: TokenSelection, rank: int, world: int) -> tuple[torch.Tensor, np.ndarray]:
     """This worker's raw fp16 tokens ``[N, d]`` (whole images, assigned by ``owner``) and tokens per image.
 
     One multi-threaded Lance scan and one flatten: per-batch Python work cost 3x the read itself.
     """
-    import pyarrow as pa
-
-    ds = store.table("patch_tokens").to_lance()
-    tbl = ds.to_table(columns=["image_id", "tokens", "dim", "grid_h", "grid_w"], filter=flt.where())
+    tbl = tokens.scan(store, flt, ["image_id", "tokens", "dim", "grid_h", "grid_w"])
     if world > 1:
         mine = [owner(i, world) == rank for i in tbl.column("image_id").to_pylist()]
         tbl = tbl.filter(pa.array(mine))
@@ -87,10 +62,7 @@ def _read_shard(store: Store, flt: TokenFilter, rank: int, world: int) -> tuple[
         return torch.zeros((0, 0), dtype=torch.float16), np.zeros(0, dtype=np.int64)
     d = int(tbl.column("dim")[0].as_py())
     counts = np.asarray(tbl.column("grid_h"), dtype=np.int64) * np.asarray(tbl.column("grid_w"), dtype=np.int64)
-    col = tbl.column("tokens")
-    # combine_chunks copies even a single chunk; flatten a lone chunk in place (zero-copy)
-    parts = [c.flatten().to_numpy(zero_copy_only=False) for c in col.chunks]
-    values = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    values = flat_values(tbl.column("tokens"))  # zero-copy for a lone chunk
     with warnings.catch_warnings():  # Arrow buffers are read-only; the trainer only ever reads (gathers) them
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(values.reshape(-1, d)), counts
@@ -117,7 +89,7 @@ def preprocess_images(tokens: torch.Tensor, counts: np.ndarray, preprocessing: P
     return out
 
 
-def load_shard(store: Store, flt: TokenFilter, rank: int = 0, world: int = 1,
+def load_shard(store: Store, flt: TokenSelection, rank: int = 0, world: int = 1,
                preprocessing: Preprocessing | None = None) -> torch.Tensor:
     """This worker's tokens as one fp16 ``[N, d]`` tensor (whole images, assigned by ``owner``): raw, or with
     ``preprocessing`` already applied per image (``[N, d_out]``), ready for ``step(preprocessed=True)``."""
@@ -127,7 +99,7 @@ def load_shard(store: Store, flt: TokenFilter, rank: int = 0, world: int = 1,
     return preprocess_images(tokens, counts, preprocessing)
 
 
-def load_images(store: Store, flt: TokenFilter, rank: int = 0, world: int = 1) -> torch.Tensor:
+def load_images(store: Store, flt: TokenSelection, rank: int = 0, world: int = 1) -> torch.Tensor:
     """Raw tokens grouped by image, fp16 ``[B, P, d]`` (what per-image preprocessing steps are fitted on).
     Raises when the images have different token grids (filter to one resolution)."""
     tokens, counts = _read_shard(store, flt, rank, world)
@@ -146,7 +118,7 @@ def memory_batches(tokens: torch.Tensor, batch_tokens: int, epoch: int, seed: in
         yield tokens[order[b * batch_tokens:(b + 1) * batch_tokens]]
 
 
-def stream_dataset(store: Store, flt: TokenFilter, preprocessing: Preprocessing | None = None):
+def stream_dataset(store: Store, flt: TokenSelection, preprocessing: Preprocessing | None = None):
     """A Ray Dataset of single tokens {"x": fp16[d]} read from the store (for shards larger than memory); with
     ``preprocessing`` they are already through it, applied per image before the tokens are split up."""
     import lance_ray
@@ -162,6 +134,6 @@ def stream_dataset(store: Store, flt: TokenFilter, preprocessing: Preprocessing 
         counts = np.asarray(batch["grid_h"], dtype=np.int64) * np.asarray(batch["grid_w"], dtype=np.int64)
         return {"x": preprocess_images(torch.from_numpy(flat.reshape(-1, d)), counts, preprocessing).numpy()}
 
-    ds = lance_ray.read_lance(store.lance_uri("patch_tokens"), columns=["tokens", "dim", "grid_h", "grid_w"],
+    ds = lance_ray.read_lance(tokens.lance_uri(store), columns=["tokens", "dim", "grid_h", "grid_w"],
                               filter=flt.where(), storage_options=store.storage_options)
     return ds.map_batches(explode, batch_format="numpy", batch_size=16)

@@ -18,17 +18,33 @@ import pyarrow.compute as pc
 from spg_dist.data.imageio import ImageDecodeError, image_size as read_image_size, load_image, load_mask
 
 RECORD_COLUMNS = ("image_id", "dataset", "category", "split", "label", "defect_type", "image_uri", "mask_uri")
+# A corrupted copy of a normal image (FoundAD's pairs) is a record with its source and the index j of the copy.
+ITEM_COLUMNS = (*RECORD_COLUMNS, "source_image_id", "corruption")
 # Columns that flow from decode to the writer next to the pixels/tokens.
-PASS_COLUMNS = (*RECORD_COLUMNS, "width", "height", "error_stage", "error", "mask_error")
+PASS_COLUMNS = (*ITEM_COLUMNS, "width", "height", "error_stage", "error", "mask_error", "corruption_png")
+
+
+def _png(mask: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((mask > 0).astype(np.uint8) * 255).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def decode_batch(batch: dict[str, np.ndarray], image_size: int, resample: str = "bicubic") -> dict[str, np.ndarray]:
-    """Records -> resized uint8 pixels [n, S, S, 3] plus width/height; failures become error rows."""
+    """Records -> resized uint8 pixels [n, S, S, 3] plus width/height; failures become error rows. A corrupted copy
+    (``corruption`` j > 0) is its source image, resized, then CutPaste-corrupted with a seed fixed by (source, j),
+    so every run and every backbone sees the same pixels; its mask travels along as a PNG."""
+    from spg_dist.data.corruptions import corruption_seed, cutpaste
+
     n = len(batch["image_id"])
     pixels = np.zeros((n, image_size, image_size, 3), np.uint8)
-    out: dict[str, Any] = {k: batch[k] for k in RECORD_COLUMNS}
+    out: dict[str, Any] = {k: batch[k] for k in ITEM_COLUMNS}
     width, height = np.zeros(n, np.int32), np.zeros(n, np.int32)
-    stage, error, mask_error = [""] * n, [""] * n, [""] * n
+    stage, error, mask_error, pngs = [""] * n, [""] * n, [""] * n, [b""] * n
     for i in range(n):
         uri = str(batch["image_uri"][i])
         try:
@@ -36,6 +52,12 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, resample: str = 
             pixels[i] = load_image(uri, image_size, resample=resample)
         except ImageDecodeError as e:
             stage[i], error[i] = "decode", str(e)
+            continue
+        j = int(batch["corruption"][i])
+        if j > 0:
+            rng = np.random.default_rng(corruption_seed(str(batch["source_image_id"][i]), j))
+            pixels[i], mask = cutpaste(pixels[i], rng)
+            pngs[i] = _png(mask)
             continue
         mask_uri, label = str(batch["mask_uri"][i]), int(batch["label"][i])
         if label == 1 and not mask_uri:
@@ -46,7 +68,8 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, resample: str = 
             except ImageDecodeError as e:
                 mask_error[i] = str(e)
     out.update(pixels=pixels, width=width, height=height, error_stage=np.array(stage, dtype=object),
-               error=np.array(error, dtype=object), mask_error=np.array(mask_error, dtype=object))
+               error=np.array(error, dtype=object), mask_error=np.array(mask_error, dtype=object),
+               corruption_png=np.array(pngs, dtype=object))
     return out
 
 
@@ -86,7 +109,7 @@ class EncodeActor:
             offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]))
             values = pa.array(tokens.reshape(-1) if tokens is not None else np.zeros(0, np.float16), pa.float16())
             cols = {k: batch[k] for k in PASS_COLUMNS}
-            cols.update(backbone=[self.backbone_id] * n, layer=np.full(n, layer, np.int16),
+            cols.update(backbone=[self.backbone_id] * n, layer=np.full(n, layer, np.int16), token=["block"] * n,
                         image_size=np.full(n, self.image_size, np.int32),
                         grid_h=np.where(ok, h, 0).astype(np.int16), grid_w=np.where(ok, w, 0).astype(np.int16),
                         dim=np.where(ok, d, 0).astype(np.int32),
@@ -105,9 +128,9 @@ def write_fragment_batch(batch: pa.Table, lance_uri: str, skip: frozenset = froz
     """
     import datetime as dt
 
-    from spg_dist.store import load_schema, write_fragment
+    from spg_dist.store import load_schema, tokens, write_fragment
 
-    schema = load_schema("patch_tokens")
+    schema = load_schema(tokens.TABLE)
     good = pc.equal(batch.column("error"), "")
     if skip:  # (image, layer) pairs a previous run already stored: never write them twice
         keys = zip(batch.column("image_id").to_pylist(), batch.column("layer").to_pylist())

@@ -4,7 +4,7 @@ Reads the worker's shard (preprocessed per image, held in device memory) or its 
 resumes the trainer from the latest checkpoint (weights, optimizer, trackers, data position), steps every SAE of
 the grid on the same batches, checkpoints every ``checkpoint_every`` steps from rank 0, and on a non-finite loss
 leaves a marker the driver turns into one error line while the last good checkpoint stays. The driver side (run
-spec, resume checks, registration) is :mod:`spg_dist.distributed.train_sae`.
+spec, resume checks, registration) is :mod:`spg_dist.ray.train_sae`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import signal
 import tempfile
 import time
 
-from spg_dist.distributed.sae_data import TokenFilter, load_shard, memory_batches
+from spg_dist.ray.sae_data import load_shard, memory_batches
 from spg_dist.sae import MultiSAETrainer, NonFiniteLossError, Preprocessing, SAEConfig, TrainConfig
 from spg_dist.sae.checkpoint import load_checkpoint, save_checkpoint
 from spg_dist.store import Store
+from spg_dist.store.tokens import TokenSelection
 
 POSITION_FILE = "position.json"
 NONFINITE_FILE = "nonfinite.json"
@@ -35,7 +36,7 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     store = Store(config["store"])
-    flt = TokenFilter(**{k: (tuple(v) if isinstance(v, list) and v else (v or None)) for k, v in config["filter"].items()})
+    flt = TokenSelection.from_dict(config["filter"])
     train_cfg = TrainConfig.from_dict(config["train"])
     configs = [SAEConfig.from_dict(c) for c in config["configs"]]
     pre = Preprocessing.from_dict(config["preprocessing"])
@@ -53,7 +54,7 @@ def train_loop(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            load_checkpoint(trainer, d)
+            load_checkpoint(d, trainer)
             position = json.loads(open(os.path.join(d, POSITION_FILE)).read())
         position["resumed_from"] = position["step"]
         if rank == 0:

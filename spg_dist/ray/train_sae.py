@@ -7,7 +7,7 @@ full training state (safetensors weights, optimizer and tracker tensors, the dat
 checkpoint; a run started again with the same name and storage path resumes from the latest one. A non-finite
 loss stops the run before the optimizer touches the weights, so the last checkpoint stays the last good state.
 Finished SAEs are registered in ``sae_models``. This module is the driver side; the worker loop is
-:mod:`spg_dist.distributed.sae_worker`.
+:mod:`spg_dist.ray.sae_worker`.
 """
 
 from __future__ import annotations
@@ -15,17 +15,35 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from spg_dist.distributed.sae_data import (NoTokensError, TokenFilter, TokenStats, load_images, owner,
-                                           stream_dataset, token_stats)
-from spg_dist.distributed.sae_worker import NONFINITE_FILE, POSITION_FILE, train_loop
+from spg_dist.errors import NoTokensError
+from spg_dist.ray.sae_data import TokenStats, load_images, owner, stream_dataset, token_stats
+from spg_dist.ray.sae_worker import NONFINITE_FILE, POSITION_FILE, train_loop
 from spg_dist.sae import (MultiSAETrainer, NonFiniteLossError, Preprocessing, SAEConfig, SAEConfigError,
                           TrainConfig)
 from spg_dist.sae.checkpoint import load_checkpoint
 from spg_dist.sae.preprocess import parse_steps
-from spg_dist.store import Store, where_clause
+from spg_dist.store import Store, sae_models, tokens
+from spg_dist.store.tokens import TokenSelection
+
+
+@dataclass
+class TrainSAEResult:
+    """What ``spg train-sae`` did: the run (its name and checkpoint folder) and one ``sae_models`` row (without
+    bytes) per SAE of the grid; ``reused`` when the run had finished before and nothing was trained."""
+
+    run: str
+    run_dir: str
+    models: list[dict]
+    reused: bool = False
+    seconds: float = 0.0
+
+    @property
+    def sae_ids(self) -> list[str]:
+        return [m["sae_id"] for m in self.models]
 
 
 @dataclass
@@ -82,7 +100,7 @@ def _steps(spec: SAERunSpec, per_worker_tokens: list[int], batch_tokens: int) ->
     return steps_per_epoch, total
 
 
-def fit_preprocessing(store: Store, flt: TokenFilter, stats: TokenStats, steps: Sequence[str],
+def fit_preprocessing(store: Store, flt: TokenSelection, stats: TokenStats, steps: Sequence[str],
                       sample_tokens: int = 65_536, max_images: int = 256) -> Preprocessing:
     """Fit the preprocessing ``steps`` on whole training images, about ``sample_tokens`` tokens of them (at most
     ``max_images``, at least 8): a hash-spread subset, the same on every run, so a re-run fits the same statistics
@@ -108,26 +126,26 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
                checkpoint_every: int = 200, log_every: int = 50, seed: int = 0,
                run_name: str | None = None, storage_path: str | None = None, max_failures: int = 0,
                shuffle_buffer: int = 65536, address: str | None = None, num_cpus: int | None = None,
-               _fault_at_step: int | None = None) -> list[dict]:
+               _fault_at_step: int | None = None) -> TrainSAEResult:
     """Train the (C, k, sparsifier) grid on stored tokens and register every SAE in ``sae_models``.
 
     ``layer`` -1 means the deepest layer stored for ``backbone``. ``preprocess``: token preprocessing steps
     (``spg_dist.sae.preprocess.STEPS``, e.g. ``"center,standardize,constant"``) fitted here on a spread of the
     training images and recorded with every SAE; ``input_scaling="unit_mean_sq_norm"`` adds the ``scale`` step.
-    ``dead_tokens`` None scales the 10 M default down to a tenth of the training tokens on small data. Returns the registered rows (without weights).
+    ``dead_tokens`` None scales the 10 M default down to a tenth of the training tokens on small data.
     """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from spg_dist.distributed.runtime import ensure_ray
+    from spg_dist.ray.runtime import ensure_ray
 
+    t0 = time.perf_counter()
     store = store if isinstance(store, Store) else Store(store)
-    layer = _resolve_stored_layer(store, backbone, layer)
-    flt = TokenFilter(backbone, layer, tuple(dataset) if dataset else None, tuple(categories) if categories else None,
-                      split)
-    stats = token_stats(store, flt)
-    ids = store.read("patch_tokens", where=flt.where(), columns=["image_id", "grid_h", "grid_w"])
+    layer = tokens.resolve_layer(store, backbone, layer)
+    flt = TokenSelection.of(backbone, layer, dataset=dataset or None, category=categories or None, split=split)
+    ids = tokens.require(store, flt, "training tokens", ["image_id", "grid_h", "grid_w", "dim"])  # read once
+    stats = token_stats(ids, flt)
     per_image = [h * w for h, w in zip(ids.column("grid_h").to_pylist(), ids.column("grid_w").to_pylist())]
     per_worker = [0] * workers
     for image_id, n in zip(ids.column("image_id").to_pylist(), per_image):
@@ -161,7 +179,7 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
     steps_per_epoch, total = _steps(spec, per_worker, batch_tokens)
     done = _registered(store, name, configs, total)
     if done is not None:  # this exact run finished and was registered: nothing to do
-        return done
+        return TrainSAEResult(name, run_dir, done, reused=True, seconds=time.perf_counter() - t0)
     _check_resumable(run_dir, configs, train_cfg, pre)
 
     ensure_ray(address, num_cpus)
@@ -183,7 +201,8 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
         raise NonFiniteLossError(f"{info['message']}; run stopped, last good checkpoint kept: {latest}")
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} produced no checkpoint")
-    return register(store, result.checkpoint, spec, name, run_dir, total)
+    models = register(store, result.checkpoint, spec, name, run_dir, total)
+    return TrainSAEResult(name, run_dir, models, seconds=time.perf_counter() - t0)
 
 
 def register(store: Store, checkpoint, spec: SAERunSpec, run: str, run_dir: str, total_steps: int) -> list[dict]:
@@ -197,7 +216,7 @@ def register(store: Store, checkpoint, spec: SAERunSpec, run: str, run_dir: str,
     trainer = MultiSAETrainer([SAEConfig.from_dict(c) for c in spec.configs], TrainConfig.from_dict(spec.train),
                               Preprocessing.from_dict(spec.preprocessing), device=torch.device("cpu"))
     with checkpoint.as_directory() as d:
-        load_checkpoint(trainer, d)
+        load_checkpoint(d, trainer)
         position = json.loads(open(os.path.join(d, POSITION_FILE)).read())
     if position["step"] != total_steps:
         raise RuntimeError(f"run {run} stopped at step {position['step']} of {total_steps}")
@@ -221,7 +240,7 @@ def register(store: Store, checkpoint, spec: SAERunSpec, run: str, run_dir: str,
             steps=int(position["step"]), tokens_seen=tokens_seen, weights=sae.to_bytes(),
             firing_histogram_png=firing_frequency_histogram_png(tracker.fire_counts, tracker.tokens_observed),
             run_dir=run_dir, created_at=now))
-    store.upsert("sae_models", rows)
+    sae_models.upsert(store, rows)
     return [{k: v for k, v in r.items() if k not in ("weights", "firing_histogram_png")} for r in rows]
 
 
@@ -248,25 +267,10 @@ def _check_resumable(run_dir: str, configs: list[SAEConfig], train_cfg: TrainCon
 
 
 def _registered(store: Store, run: str, configs: list[SAEConfig], total: int) -> list[dict] | None:
-    rows = store.read("sae_models", where=where_clause(run=run), columns=[
-        "sae_id", "backbone", "layer", "d", "C", "k", "sparsifier", "run", "config", "metrics", "nmse",
-        "explained_variance", "l0", "dead_fraction", "steps", "tokens_seen", "run_dir", "created_at"]).to_pylist()
+    rows = sae_models.of_run(store, run)
+    want = {(c.C, c.k, c.sparsifier) for c in configs}
     have = {(r["C"], r["k"], r["sparsifier"]) for r in rows if r["steps"] == total}
-    if have >= {(c.C, c.k, c.sparsifier) for c in configs}:
-        return [r for r in rows if (r["C"], r["k"], r["sparsifier"]) in {(c.C, c.k, c.sparsifier) for c in configs}]
-    return None
-
-
-def _resolve_stored_layer(store: Store, backbone: str, layer: int) -> int:
-    if layer >= 0:
-        return layer
-    tbl = store.read("patch_tokens", where=where_clause(backbone=backbone), columns=["layer"])
-    layers = sorted(set(tbl.column("layer").to_pylist()))
-    if not layers:
-        have = sorted(set(store.read("patch_tokens", columns=["backbone"]).column("backbone").to_pylist()))
-        raise NoTokensError(f"no patch_tokens for backbone {backbone!r} in {store.uri}; stored backbones: "
-                            f"{', '.join(have) or 'none'} (run `spg extract` first)")
-    return layers[layer]
+    return [r for r in rows if (r["C"], r["k"], r["sparsifier"]) in want] if have >= want else None
 
 
 def _memory_budget(use_gpu: bool) -> float:
@@ -282,4 +286,4 @@ def _default_storage(store: Store) -> str:
     return f"{store.uri.rstrip('/')}/_runs"
 
 
-__all__ = ["train_saes", "SAERunSpec", "NoTokensError", "SAEConfigError"]
+__all__ = ["SAERunSpec", "TrainSAEResult", "train_saes"]
