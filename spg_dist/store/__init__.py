@@ -13,7 +13,7 @@ never models (the store knows no method):
 Filters from user values are built by :mod:`.filters` (LanceDB typed expressions), never by string formatting.
 """
 
-from spg_dist.store import codes, detector_models, eval_results, guides, images, sae_models, tokens
+from spg_dist.store import codes, detector_models, eval_results, guides, images, sae_models, sweeps, tokens
 from spg_dist.store.connection import Store, StoreError, dedupe_keys, write_fragment
 from spg_dist.store.filters import match, where
 from spg_dist.store.schemas import SchemaError, TableSchema, known_tables, load_schema
@@ -22,5 +22,5 @@ from spg_dist.store.torch_reader import TokenDataset
 
 __all__ = ["SchemaError", "Store", "StoreError", "TableSchema", "TokenDataset", "TokenSelection", "codes",
            "dedupe_keys", "detector_models", "eval_results", "guides", "images", "iter_tokens", "known_tables", "load_schema",
-           "load_tokens", "match", "sae_models", "tokens", "tokens_from_arrow", "tokens_to_arrow", "where",
+           "load_tokens", "match", "sae_models", "sweeps", "tokens", "tokens_from_arrow", "tokens_to_arrow", "where",
            "write_fragment"]
