@@ -28,9 +28,32 @@ class WeightsMismatchError(SpgError, ValueError):
     """Raised when a weights path does not fit the backbone's config (never a silent random init)."""
 
 
+class TokenChoiceError(SpgError, ValueError):
+    """Raised for a ``token`` argument of :meth:`Backbone.encode` that is not one of :data:`TOKEN_CHOICES`."""
+
+
+class NoFinalNormError(TokenChoiceError):
+    """Raised for ``token="norm"`` on a backbone whose family has no final norm (e.g. the classical filter bank)."""
+
+
 class WeightsUnavailableError(SpgError, FileNotFoundError):
     """Raised when weights cannot be found: a local path that does not exist, or a hub id / pretrained tag that
     is neither cached nor downloadable (offline). The message names what was tried and how to pass a local path."""
+
+
+TOKEN_CHOICES = ("block", "norm")
+"""Which tokens :meth:`Backbone.encode` returns for a layer. ``"block"``: the transformer block's output, before the
+model's final norm (what ``hidden_states[L]`` / ``forward_intermediates`` give). ``"norm"``: the same tokens passed
+through the model's own final norm, as the model applies it to its last block (all tokens normalised, then the
+prefix tokens dropped); for the last layer this is what users of the model take: HF ``last_hidden_state``
+(DINOv2 ``layernorm``, DINOv3 ``norm``, SigLIP ``post_layernorm``) and open_clip's ``ln_post`` tokens
+(``visual.output_tokens=True``, before ``proj``)."""
+
+
+def check_token(token: str) -> str:
+    if token not in TOKEN_CHOICES:
+        raise TokenChoiceError(f"token={token!r}: use one of {', '.join(TOKEN_CHOICES)}")
+    return token
 
 
 def resolve_layers(layers: Sequence[int] | None, num_layers: int, name: str = "backbone") -> list[int]:
@@ -87,6 +110,7 @@ class Backbone(ABC):
 
     config: BackboneConfig
     device: torch.device
+    has_final_norm: bool = False  # True where _forward_layers supports token="norm"
 
     @property
     def name(self) -> str:
@@ -118,16 +142,25 @@ class Backbone(ABC):
         return (x - stats[0]) / stats[1]
 
     @torch.inference_mode()
-    def encode(self, pixels: torch.Tensor, layers: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+    def encode(self, pixels: torch.Tensor, layers: Sequence[int] | None = None,
+               token: str = "block") -> dict[int, torch.Tensor]:
         """uint8 [B, H, W, 3] at ``spec.image_size`` -> {layer: float32 tokens [B, Hp, Wp, d]} on the model device.
 
-        Layer L is the output of transformer block L (1-based), before the model's final norm.
+        Layer L is the output of transformer block L (1-based). ``token`` (:data:`TOKEN_CHOICES`): ``"block"`` =
+        that output as it is, before the model's final norm; ``"norm"`` = after the model's own final norm (for
+        the last layer: the model's ``last_hidden_state`` / open_clip's ``ln_post`` tokens). A family without a
+        final norm raises :class:`NoFinalNormError` for ``"norm"``.
         """
+        check_token(token)
+        if token == "norm" and not self.has_final_norm:
+            raise NoFinalNormError(f"backbone {self.name!r} (family {self.config.family}) has no final norm: "
+                                   f"token='norm' is undefined for it, use token='block'")
         resolved = self.resolve_layers(layers)
         x = self.normalise(pixels)
         use_bf16 = self.device.type == "cuda"
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            grids = self._forward_layers(x, resolved)
+            # "block" keeps the two-argument call, so subclasses written before ``token`` existed still work
+            grids = self._forward_layers(x, resolved) if token == "block" else self._forward_layers(x, resolved, token)
         return {layer: grids[layer].float() for layer in resolved}
 
     def save(self, path: str) -> str:
@@ -135,5 +168,6 @@ class Backbone(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot save checkpoints")
 
     @abstractmethod
-    def _forward_layers(self, x: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
-        """Normalised float [B, 3, H, W] -> {layer: [B, Hp, Wp, d]} with prefix tokens dropped."""
+    def _forward_layers(self, x: torch.Tensor, layers: list[int], token: str = "block") -> dict[int, torch.Tensor]:
+        """Normalised float [B, 3, H, W] -> {layer: [B, Hp, Wp, d]} with prefix tokens dropped; ``token="norm"``
+        (only called when ``has_final_norm``) applies the model's final norm to all tokens before the drop."""

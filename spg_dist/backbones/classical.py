@@ -226,7 +226,9 @@ class ClassicalTextureBackbone(Backbone):
         nbr = F.avg_pool2d(base, 3, stride=1, padding=1, count_include_pad=False)
         return torch.cat([base, nbr], dim=1)
 
-    def _forward_layers(self, x: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    has_final_norm = False  # no final norm: encode(token="norm") raises NoFinalNormError
+
+    def _forward_layers(self, x: torch.Tensor, layers: list[int], token: str = "block") -> dict[int, torch.Tensor]:
         with torch.autocast(device_type=x.device.type, enabled=False):  # fixed filters: keep float32
             feats = self.features(x).permute(0, 2, 3, 1).contiguous()
         return {layer: feats for layer in layers}

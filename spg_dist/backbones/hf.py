@@ -34,22 +34,26 @@ class HFFamily:
     shape_keys: tuple[str, ...]  # config fields that must equal the registry's (they decide shapes/semantics)
     ignore_unexpected: tuple[str, ...] = ()  # regexes of checkpoint keys that may be left unused
     pos_embed_interp_kwarg: bool = False  # forward needs interpolate_pos_encoding=True off the native size
+    final_norm: tuple[str, ...] = ()  # submodule path(s) of the norm that makes last_hidden_state; first found is used
 
 
 _COMMON = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size")
 FAMILIES: dict[str, HFFamily] = {
     # DINOv2 always interpolates its learned position grid (native 518 px = 37×37) to the input size.
     "dinov2": HFFamily("Dinov2Model", "Dinov2Config", ("dinov2",),
-                       _COMMON + ("mlp_ratio", "use_swiglu_ffn", "image_size")),
+                       _COMMON + ("mlp_ratio", "use_swiglu_ffn", "image_size"), final_norm=("layernorm",)),
     "dinov2_registers": HFFamily("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", ("dinov2_with_registers",),
-                                 _COMMON + ("mlp_ratio", "use_swiglu_ffn", "image_size", "num_register_tokens")),
+                                 _COMMON + ("mlp_ratio", "use_swiglu_ffn", "image_size", "num_register_tokens"),
+                                 final_norm=("layernorm",)),
     # DINOv3 uses RoPE: any input size, no position table; 4 registers must be set explicitly (default 0).
     "dinov3": HFFamily("DINOv3ViTModel", "DINOv3ViTConfig", ("dinov3_vit",),
-                       _COMMON + ("intermediate_size", "use_gated_mlp", "num_register_tokens")),
+                       _COMMON + ("intermediate_size", "use_gated_mlp", "num_register_tokens"), final_norm=("norm",)),
     # Hub SigLIP checkpoints hold the full image-text model: the vision tower is taken, the text tower ignored.
+    # Its post_layernorm sits at the top of SiglipVisionModel in transformers 5.24, under vision_model before.
     "siglip": HFFamily("SiglipVisionModel", "SiglipVisionConfig", ("siglip", "siglip_vision_model"),
                        _COMMON + ("intermediate_size", "image_size"),
-                       ignore_unexpected=(r"^text_model\.", r"^logit_(scale|bias)$"), pos_embed_interp_kwarg=True),
+                       ignore_unexpected=(r"^text_model\.", r"^logit_(scale|bias)$"), pos_embed_interp_kwarg=True,
+                       final_norm=("post_layernorm", "vision_model.post_layernorm")),
 }
 
 
@@ -164,8 +168,19 @@ def load_hf_model(config: BackboneConfig, weights: str | None) -> torch.nn.Modul
     return model
 
 
+def find_final_norm(model: torch.nn.Module, family: HFFamily) -> torch.nn.Module | None:
+    """The module that turns the last block's output into ``last_hidden_state`` (None if the model has none)."""
+    for path in family.final_norm:
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    return None
+
+
 class HFBackbone(Backbone):
-    """A transformers vision model; layer L = ``hidden_states[L]`` (block L's output, before the final norm)."""
+    """A transformers vision model; layer L = ``hidden_states[L]`` (block L's output, before the final norm);
+    ``token="norm"``: the model's final norm applied to it (``last_hidden_state`` for the last layer)."""
 
     def __init__(self, config: BackboneConfig, model: torch.nn.Module, device: torch.device) -> None:
         self.config = config
@@ -176,13 +191,20 @@ class HFBackbone(Backbone):
         # SigLIP keeps a fixed position table; only ask for interpolation when the size actually differs.
         self._forward_kwargs = ({"interpolate_pos_encoding": True}
                                 if family.pos_embed_interp_kwarg and native != config.image_size else {})
+        self.final_norm = find_final_norm(self.model, family)
+        self.has_final_norm = self.final_norm is not None
 
-    def _forward_layers(self, x: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    def _forward_layers(self, x: torch.Tensor, layers: list[int], token: str = "block") -> dict[int, torch.Tensor]:
         # hidden_states holds references (no copies): [embeddings, block 1, ..., block N], prefix tokens first.
         states = self.model(pixel_values=x, output_hidden_states=True, **self._forward_kwargs).hidden_states
         b, p = x.shape[0], self.config.num_prefix_tokens
         hp, wp = x.shape[-2] // self.config.patch_size, x.shape[-1] // self.config.patch_size
-        return {layer: states[layer][:, p:].reshape(b, hp, wp, -1) for layer in layers}
+        # "norm": the whole sequence through the model's final norm, as its forward does, then the prefix dropped
+        out = {}
+        for layer in layers:
+            h = self.final_norm(states[layer]) if token == "norm" else states[layer]
+            out[layer] = h[:, p:].reshape(b, hp, wp, -1)
+        return out
 
     def save(self, path: str) -> str:
         """``save_pretrained`` directory (config.json + model.safetensors); loadable offline as ``weights``."""

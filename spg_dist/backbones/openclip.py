@@ -5,6 +5,10 @@ Facts this module relies on (open_clip 3.3, read from the installed source):
   ``{"image_intermediates": [tensor [B, Hp*Wp, d], ...]}``: indices are 0-based block indices, the list follows
   block order (not the order asked), each entry is a block output before ``ln_post`` with the single class
   token already removed (open_clip hard-codes one prefix token). ``stop_early=True`` skips the later blocks.
+  ``normalize_intermediates=True`` applies ``ln_post`` to each whole sequence before the class token is split off.
+- ``visual.forward`` with ``output_tokens=True`` (no attention pool, ``final_ln_after_pool=False``: every CLIP
+  ViT config here) returns ``ln_post`` of the last block's tokens, class token dropped, *not* projected by
+  ``proj`` (only the pooled vector is): exactly the last layer's ``token="norm"`` output.
 - ``create_model(name, pretrained=<file>)`` loads with ``strict=True`` after ``resize_pos_embed``, which
   interpolates a checkpoint's position grid to ``force_image_size`` (ViT-L/14@336 run at 518 px: 24² -> 37²).
 - The OpenAI weights were trained with QuickGELU; the plain configs do not set it, so entries force it.
@@ -119,7 +123,8 @@ def load_openclip_model(config: BackboneConfig, weights: str | None) -> torch.nn
 
 
 class OpenClipBackbone(Backbone):
-    """The image tower of an open_clip CLIP; layer L = output of residual block L, class token dropped."""
+    """The image tower of an open_clip CLIP; layer L = output of residual block L, class token dropped;
+    ``token="norm"``: ``ln_post`` applied to it (open_clip's ``output_tokens`` for the last layer, before ``proj``)."""
 
     def __init__(self, config: BackboneConfig, clip: torch.nn.Module, device: torch.device) -> None:
         visual = clip.visual
@@ -133,11 +138,15 @@ class OpenClipBackbone(Backbone):
         self.device = device
         self.clip = clip.eval().requires_grad_(False)  # the text tower stays on CPU; only the image tower moves
         self.visual = visual.to(device)
+        # token="norm" = the tokens open_clip itself outputs; with an attention pool or a norm after pooling those
+        # are not ln_post(block tokens), so such towers do not offer it
+        self.has_final_norm = (visual.attn_pool is None and not visual.final_ln_after_pool
+                               and not isinstance(visual.ln_post, torch.nn.Identity))
 
-    def _forward_layers(self, x: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    def _forward_layers(self, x: torch.Tensor, layers: list[int], token: str = "block") -> dict[int, torch.Tensor]:
         indices = sorted({layer - 1 for layer in layers})
         out = self.visual.forward_intermediates(x, indices=indices, stop_early=True, intermediates_only=True,
-                                                output_fmt="NLC")
+                                                output_fmt="NLC", normalize_intermediates=token == "norm")
         by_index = dict(zip(indices, out["image_intermediates"]))  # returned in block order = sorted order
         b = x.shape[0]
         hp, wp = x.shape[-2] // self.config.patch_size, x.shape[-1] // self.config.patch_size

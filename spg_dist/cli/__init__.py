@@ -10,6 +10,7 @@ from spg_dist.cli.data import extract_cmd, run_extract
 from spg_dist.cli.demo import demo_cmd
 from spg_dist.cli.stage1 import encode_cmd, train_sae_cmd
 from spg_dist.cli.stage2 import detect_cmd, detectors_cmd, evaluate_cmd, train_guides_cmd
+from spg_dist.cli.sweep import reproduce_cmd, sweep_cmd, sweep_group
 
-__all__ = ["DEFAULT_STORE", "demo_cmd", "detect_cmd", "detectors_cmd", "encode_cmd", "evaluate_cmd", "extract_cmd", "main", "run_extract",
+__all__ = ["DEFAULT_STORE", "demo_cmd", "detect_cmd", "detectors_cmd", "reproduce_cmd", "sweep_cmd", "sweep_group", "encode_cmd", "evaluate_cmd", "extract_cmd", "main", "run_extract",
            "train_guides_cmd", "train_sae_cmd"]

@@ -22,7 +22,11 @@ def train_sae_options(f):
         click.option("--sparsifier", "sparsifiers", default="topk", show_default=True, callback=_str_list,
                      help="topk and/or batchtopk (comma-separated: both are trained side by side)."),
         click.option("--dataset", "dataset", multiple=True, callback=_str_list,
-                     help="Only tokens of these dataset names (default: all stored for the backbone)."),
+                     help="Dataset name(s) to train on: the auxiliary data (required when the store holds this "
+                          "backbone's tokens of several datasets, so evaluation can check zero-shot)."),
+        click.option("--all-datasets", is_flag=True,
+                     help="Train on every dataset stored for the backbone (evaluating on any of them is then "
+                          "refused as not zero-shot)."),
         click.option("--category", "categories", multiple=True, callback=_str_list, help="Only these categories."),
         click.option("--split", default="train", show_default=True,
                      help="Only this split ('all' for every split)."),
@@ -31,6 +35,10 @@ def train_sae_options(f):
         click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate."),
         click.option("--batch-tokens", type=int, default=4096, show_default=True,
                      help="Tokens per optimizer step, over all workers."),
+        click.option("--batch-images", type=int, default=None,
+                     help="Images per optimizer step (the paper: 16); overrides --batch-tokens."),
+        click.option("--engine", type=click.Choice(["ray-train", "local"]), default="ray-train", show_default=True,
+                     help="ray-train: a Ray Train TorchTrainer (DDP over --workers); local: one process, no Ray."),
         click.option("--workers", type=int, default=1, show_default=True, help="Ray Train workers (DDP)."),
         click.option("--gpu/--no-gpu", "use_gpu", default=False, show_default=True,
                      help="One GPU per worker, bf16 autocast, NCCL."),

@@ -18,12 +18,19 @@ def train_guides_options(f):
         click.option("--aux", "aux", required=True, callback=_str_list,
                      help="Auxiliary dataset name(s) with masks (comma-separated), e.g. synth_visa."),
         click.option("--preset", type=click.Choice(["paper", "classical"]), default="paper", show_default=True,
-                     help="paper: focal+Dice, T=0.07, lr 1e-3; classical: balanced BCE+Dice, T=0.2, lr 1e-2, 150 steps."),
+                     help="paper: focal+Dice, T=0.07, lr 1e-3, 5000 steps, plain EMA 0.999, cos(f, g); classical: "
+                          "balanced BCE+Dice, T=0.2, lr 1e-2, 150 steps, EMA warm-up."),
         click.option("--steps", type=int, default=None, help="Optimizer steps (default: the preset's)."),
         click.option("--lr", type=float, default=None, help="Adam learning rate (default: the preset's)."),
         click.option("--temperature", type=float, default=None, help="Softmax temperature T (default: the preset's)."),
         click.option("--nonneg", type=click.Choice(["relu", "topk"]), default=None, help="Non-negativity of z."),
         click.option("--k-g", type=int, default=None, help="Coefficients kept with --nonneg topk."),
+        click.option("--subtract-b-pre/--no-subtract-b-pre", default=None,
+                     help="Score cos(f - b_pre, g) instead of the paper's cos(f, g) (Eq. 9). Default: the preset's "
+                          "(paper: off)."),
+        click.option("--ema-warmup/--no-ema-warmup", default=None,
+                     help="Warm the EMA up (min(0.999, (1+t)/(10+t))) instead of the paper's plain 0.999 EMA. "
+                          "Default: the preset's (paper: off, classical: on)."),
         click.option("--mask-size", type=int, default=None, help="Mask resolution for the loss (default grid x 4)."),
     ]
     return _apply(opts, f)
@@ -31,7 +38,8 @@ def train_guides_options(f):
 
 @main.command("train-guides")
 @train_guides_options
-def train_guides_cmd(store, sae_id, aux, preset, steps, lr, temperature, nonneg, k_g, mask_size) -> None:
+def train_guides_cmd(store, sae_id, aux, preset, steps, lr, temperature, nonneg, k_g, subtract_b_pre, ema_warmup,
+                     mask_size) -> None:
     """Stage 2: learn normal/anomaly guides over a frozen SAE's dictionary on an auxiliary dataset with masks, and
     register them in the guides table (re-running the same settings returns the stored guides)."""
     import dataclasses
@@ -40,7 +48,8 @@ def train_guides_cmd(store, sae_id, aux, preset, steps, lr, temperature, nonneg,
     from spg_dist.stages.guides import train_guides
 
     cfg = GuideConfig.preset(preset)
-    overrides = {k: v for k, v in dict(steps=steps, lr=lr, temperature=temperature, nonneg=nonneg, k_g=k_g).items()
+    overrides = {k: v for k, v in dict(steps=steps, lr=lr, temperature=temperature, nonneg=nonneg, k_g=k_g,
+                                       subtract_b_pre=subtract_b_pre, ema_warmup=ema_warmup).items()
                  if v is not None}
     g = train_guides(store, sae_id, aux, dataclasses.replace(cfg, **overrides), mask_size=mask_size)
     click.echo(f"guides {g.guide_id}: active sets normal {g.active_normal}, anomaly {g.active_anomaly} after "
@@ -49,9 +58,10 @@ def train_guides_cmd(store, sae_id, aux, preset, steps, lr, temperature, nonneg,
 
 def report_options() -> list:
     return [
-        click.option("--resolution", type=int, default=None,
-                     help="Side (px) of the square anomaly maps and masks the metrics compare (default: 4 x the "
-                          "token grid)."),
+        click.option("--resolution", default=None,
+                     help="What the anomaly maps and masks are compared at: a side in px (square), 'input' (the "
+                          "extraction size), or 'native' (each image and its full-resolution mask at their own size, "
+                          "as the paper does). Default: 4 x the token grid."),
         click.option("--run", default=None,
                      help="Run name of the eval_results rows (default: detector, backbone, layers and a hash of the "
                           "settings, so a re-run replaces its rows)."),

@@ -20,7 +20,7 @@ from spg_dist.detectors.base import ArrayLike, Detector, DetectorConfigError, Fi
 from spg_dist.guides import GuideConfig, GuideTrainer, Guides
 
 _GUIDE_FIELDS = ("steps", "lr", "temperature", "nonneg", "k_g", "subtract_b_pre", "loss", "beta_l1", "ema", "seed",
-                 "batch_images")
+                 "batch_images", "ema_warmup", "l1_with_topk")
 
 
 class SPGDetector(Detector):
@@ -42,6 +42,8 @@ class SPGDetector(Detector):
         loss: str | None = None
         beta_l1: float | None = None
         ema: float | None = None
+        ema_warmup: bool | None = None
+        l1_with_topk: bool | None = None
         batch_images: int | None = None
         seed: int | None = None
         mask_size: int | None = None  # resolution of the aux masks the loss sees (None: 4 x the token grid)

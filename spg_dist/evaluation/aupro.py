@@ -66,6 +66,23 @@ def region_labels(masks: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(n)
 
 
+def _flat_ragged(masks: list, maps: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Images of different sizes (masks at their native resolution): per-image 8-connected labels made unique by
+    an offset, and every pixel flattened into one ranking, exactly as one stack would be."""
+    if len(masks) != len(maps):
+        raise ValueError(f"{len(masks)} masks for {len(maps)} maps")
+    fgs, labs, scs, total = [], [], [], 0
+    for mask, amap in zip(masks, maps):
+        m, a = _as_stack(np.asarray(mask)[None], np.asarray(amap)[None])
+        lab, n = ndimage.label(m[0], structure=_STRUCTURE[1])
+        lab = np.where(lab > 0, lab + total, 0)
+        total += int(n)
+        fgs.append(m.ravel())
+        labs.append(lab.ravel())
+        scs.append(a.ravel())
+    return np.concatenate(fgs), np.concatenate(labs), np.concatenate(scs), total
+
+
 def _last_count_within(limit32: np.float32, n_bg: int) -> int:
     """Largest count c of normal pixels whose FPR, as anomalib computes it (float32 c / float32 n), is <= limit."""
     nb = np.float32(n_bg)
@@ -85,8 +102,9 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     """Area under the per-region-overlap curve for FPR in [0, fpr_limit], divided by fpr_limit (anomalib 2.7).
 
     Args:
-        masks: ground truth, [N, H, W] (or [N, 1, H, W]) bool or 0/1 integers; nonzero = anomalous pixel.
-        maps: anomaly maps of the same shape; higher = more anomalous. Ranked as float32 (see module docstring).
+        masks: ground truth, [N, H, W] (or [N, 1, H, W]) bool or 0/1 integers; nonzero = anomalous pixel; or a list
+            of [H_i, W_i] masks of different sizes (each image at its own resolution).
+        maps: anomaly maps of the same shape(s); higher = more anomalous. Ranked as float32 (see module docstring).
         fpr_limit: upper end of the FPR integration range (MVTec AD convention: 0.3).
 
     Returns:
@@ -94,10 +112,12 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     """
     if not fpr_limit > 0:
         raise ValueError(f"fpr_limit must be > 0, got {fpr_limit}")
-    masks, maps = _as_stack(masks, maps)
-    labels, n_regions = region_labels(masks)
-    fg = masks.ravel()
-    scores = maps.ravel()
+    if isinstance(masks, (list, tuple)):
+        fg, flat_labels, scores, n_regions = _flat_ragged(list(masks), list(maps))
+    else:
+        masks, maps = _as_stack(masks, maps)
+        labels, n_regions = region_labels(masks)
+        fg, flat_labels, scores = masks.ravel(), labels.ravel(), maps.ravel()
     n_bg = int(fg.size - np.count_nonzero(fg))
     if n_regions == 0 or n_bg == 0:
         what = "no anomalous pixel" if n_regions == 0 else "no normal pixel"
@@ -105,7 +125,7 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
         return float("nan")
 
     # Per anomalous pixel: its score and weight 1 / (size of its region), so PRO(t) = sum(w[s >= t]) / n_regions.
-    fg_labels = labels.ravel()[fg]
+    fg_labels = flat_labels[fg]
     sizes = np.bincount(fg_labels, minlength=n_regions + 1).astype(np.float64)
     fg_scores = scores[fg]
     order = np.argsort(fg_scores, kind="stable")

@@ -102,14 +102,20 @@ def evaluate_category(
     Args:
         labels: [N] image labels, 1 = anomalous.
         image_scores: [N] image anomaly scores.
-        masks: [N, H, W] ground-truth masks (all zero for normal images).
-        maps: [N, H, W] anomaly maps at the masks' resolution.
+        masks: [N, H, W] ground-truth masks (all zero for normal images), or a list of [H_i, W_i] masks when the
+            images are evaluated at their own (native) resolutions.
+        maps: anomaly maps at the masks' resolution(s), same form as ``masks``.
         fpr_limit: AUPRO integration limit (0.3 in the field).
     """
+    if isinstance(masks, (list, tuple)):
+        flat_masks = np.concatenate([np.asarray(m).ravel() for m in masks])
+        flat_maps = np.concatenate([np.asarray(m).ravel() for m in maps])
+    else:
+        flat_masks, flat_maps = masks, maps
     return {
         "image_auroc": image_auroc(labels, image_scores),
         "image_ap": image_ap(labels, image_scores),
-        "pixel_auroc": pixel_auroc(masks, maps),
+        "pixel_auroc": pixel_auroc(flat_masks, flat_maps),
         "aupro": aupro(masks, maps, fpr_limit=fpr_limit),
     }
 

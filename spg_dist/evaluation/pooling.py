@@ -2,7 +2,7 @@
 
 Specs: ``max``; ``mean``; ``lse:TAU`` (log-sum-exp, ``τ log mean exp(s/τ)``, τ -> 0 is max pooling; SPG Eq. 12);
 ``top:P%`` (mean of the top P percent, at least one value; AnomalyDINO's 1 %, VisualAD's top 1 % pixels);
-``top:K`` (mean of the K largest; FoundAD's K = 10 / 6). Computed in float64: in float32 a small τ drifts by ~1e-4.
+``top:K`` (mean of the K largest; FoundAD's K = 10 / 6). Computed in float64: in float32 a large τ drifts by ~1e-4 and a naive small-τ form overflows.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 ``g = D z̃`` with ``z̃ = ReLU(z̄)`` (or TopK), ``ℓ = cos(f, g)``, ``p_A = softmax(ℓ_N/T, ℓ_A/T)_A`` (SPG.md).
 The SAE is frozen; only ``z̄_N, z̄_A`` learn. Tokens are mapped into the SAE's input space by the SAE's own
-preprocessing (one function everywhere), optionally minus ``b_pre``.
+preprocessing (one function everywhere); Eq. 9 compares that vector with the guides as it is (the default), the
+``subtract_b_pre`` option compares ``f - b_pre`` instead.
 """
 
 from __future__ import annotations
@@ -50,12 +51,17 @@ class Guides(nn.Module):
         logits = f @ g.T / self.config.temperature  # [B, h, w, 2]
         return torch.softmax(logits, dim=-1)[..., 1]
 
+    def ema_decay(self, t: int) -> float:
+        """Decay of the EMA update after optimizer step t + 1 (t = updates done so far): the paper's constant
+        ``ema``, or with ``ema_warmup`` the usual warm-up ``min(ema, (1 + t) / (10 + t))`` (a plain 0.999 EMA of a
+        150-step run is still ~86 % its initial value, so short runs need it)."""
+        return min(self.config.ema, (1 + t) / (10 + t)) if self.config.ema_warmup else self.config.ema
+
     @torch.no_grad()
     def update_ema(self) -> None:
-        """EMA with the usual warm-up, decay_t = min(decay, (1 + t) / (10 + t)): with a plain 0.999 a 150-step run
-        would still be ~86 % its initial value, so the evaluated guides would not be the learned ones."""
+        """z_ema <- decay·z_ema + (1 - decay)·z̄ (z_ema starts at the initial z̄); see :meth:`ema_decay`."""
         t = int(self.ema_steps)
-        decay = min(self.config.ema, (1 + t) / (10 + t))
+        decay = self.ema_decay(t)
         self.z_ema.mul_(decay).add_(self.z_bar.detach(), alpha=1 - decay)
         self.ema_steps += 1
 

@@ -1,6 +1,7 @@
 """One Stage 2 training step (pure PyTorch): tokens and masks of auxiliary images in, updated guides out.
 
-Loss = focal (or class-balanced BCE) + λ_dice · Dice on the upsampled anomaly maps + β (‖z̃_N‖₁ + ‖z̃_A‖₁);
+Loss = focal (or class-balanced BCE) + λ_dice · Dice on the upsampled anomaly maps + β (‖z̃_N‖₁ + ‖z̃_A‖₁), the
+L1 term only for ReLU guides: the supplement's TopK variant (``nonneg="topk"``) has none unless ``l1_with_topk``.
 Adam on (z̄_N, z̄_A) only; an EMA of the coefficients is what evaluation uses.
 """
 
@@ -32,14 +33,17 @@ class GuideTrainer:
         self.curve: list[dict[str, float]] = []
 
     def loss(self, tokens: Tensor, masks: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """tokens [B, h, w, d] raw; masks [B, H, W] in {0, 1}."""
+        """tokens [B, h, w, d] raw; masks [B, H, W] in {0, 1}. The row's ``l1`` is ‖z̃‖₁ always (a diagnostic);
+        it enters ``loss`` only when ``config.l1_in_loss``."""
         cfg = self.config
         p = upsample(self.guides.patch_probs(tokens), masks.shape[-2:])
         y = masks.float()
         seg = focal(p, y, cfg.focal_gamma) if cfg.loss == "focal_dice" else balanced_bce(p, y)
         d = dice(p, y)
         l1 = self.guides.coefficients().sum()
-        total = seg + cfg.lambda_dice * d + cfg.beta_l1 * l1
+        total = seg + cfg.lambda_dice * d
+        if cfg.l1_in_loss:
+            total = total + cfg.beta_l1 * l1
         return total, {k: float(v.detach()) for k, v in (("loss", total), ("seg", seg), ("dice", d), ("l1", l1))}
 
     def step(self, tokens: Tensor, masks: Tensor) -> dict[str, Any]:

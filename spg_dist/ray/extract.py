@@ -53,11 +53,11 @@ class ExtractResult:
                 f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s)")
 
 
-def backbone_id_for(backbone: str, weights: str | None) -> str:
-    """Rows are keyed by this id, so tokens of other weights under the same architecture never collide."""
-    if not weights:
-        return backbone
-    return f"{backbone}@{os.path.basename(os.path.normpath(weights))}"
+def backbone_id_for(backbone: str, weights: str | None, token: str = "block") -> str:
+    """Rows are keyed by this id, so tokens of other weights (``@<weights folder>``) or of the other token choice
+    (``+norm``: after the model's final norm) under the same architecture never collide."""
+    bid = backbone if not weights else f"{backbone}@{os.path.basename(os.path.normpath(weights))}"
+    return f"{bid}+norm" if token == "norm" else bid
 
 
 def extract(store: str | Store, dataset: str, backbone: str, *, weights: str | None = None,
@@ -66,12 +66,15 @@ def extract(store: str | Store, dataset: str, backbone: str, *, weights: str | N
             batch_size: int = 16, num_actors: int = 1, gpus_per_actor: float | None = None,
             cpus_per_actor: float = 1.0, rows_per_fragment: int | None = None, commit_every_s: float = 30.0,
             address: str | None = None, num_cpus: int | None = None, progress: bool = True,
-            corruptions: int = 0, records: Sequence[ImageRecord] | None = None) -> ExtractResult:
+            corruptions: int = 0, token: str = "block", records: Sequence[ImageRecord] | None = None
+            ) -> ExtractResult:
     """Extract patch tokens of ``dataset`` (``mvtec:PATH`` | ``visa:PATH`` | ``folder:PATH``) into ``store``.
 
     ``gpus_per_actor`` None means one GPU per actor when the cluster has GPUs, CPU actors otherwise.
     ``corruptions`` N > 0 also stores the tokens of N CutPaste-corrupted copies of every normal train image
     (``<image_id>#cutpaste<j>``, paired with the clean image by ``source_image_id``; masks in ``corruptions``).
+    ``token``: ``block`` (each chosen block's output) or ``norm`` (after the model's final norm, what DINOv3's
+    ``last_hidden_state`` and open_clip's ``ln_post`` give; stored as backbone id ``<name>+norm``).
     """
     import ray
 
@@ -87,7 +90,11 @@ def extract(store: str | Store, dataset: str, backbone: str, *, weights: str | N
     items_all += [{**{k: getattr(r, k) for k in RECORD_COLUMNS}, "image_id": corrupted_id(r.image_id, j), "label": 1,
                    "defect_type": "cutpaste", "mask_uri": "", "source_image_id": r.image_id, "corruption": j}
                   for r in recs if r.split == "train" and r.label == 0 for j in range(1, corruptions + 1)]
-    bid = backbone_id or backbone_id_for(backbone, weights)
+    from spg_dist.store.tokens import TOKEN_CHOICES
+
+    if token not in TOKEN_CHOICES:
+        raise ValueError(f"token must be one of {TOKEN_CHOICES}, not {token!r}")
+    bid = backbone_id or backbone_id_for(backbone, weights, token)
     layer_list = sorted(set(resolve_layers(layers, config.num_layers, backbone)))
 
     existing = tokens.stored_keys(store, bid, layer_list)
@@ -114,7 +121,7 @@ def extract(store: str | Store, dataset: str, backbone: str, *, weights: str | N
     ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": size, "resample": config.preprocess.resample},
                         batch_size=batch_size,
                         batch_format="numpy", num_cpus=0.5)
-    actor_args = dict(backbone=backbone, weights=weights, layers=layer_list, image_size=size, backbone_id=bid,
+    actor_args = dict(backbone=backbone, weights=weights, layers=layer_list, image_size=size, backbone_id=bid, token=token,
                       device=device, torch_threads=None if device == "cuda" else max(1, int(cpus_per_actor)))
     resources = {"num_gpus": gpus_per_actor} if gpus_per_actor > 0 else {"num_cpus": cpus_per_actor}
     ds = ds.map_batches(EncodeActor, fn_constructor_kwargs=actor_args, batch_size=batch_size, batch_format="numpy",

@@ -77,7 +77,7 @@ class EncodeActor:
     """Holds one frozen backbone for its lifetime; turns pixel batches into Arrow rows of patch tokens."""
 
     def __init__(self, backbone: str, weights: str | None, layers: list[int], image_size: int,
-                 backbone_id: str, device: str = "cpu", torch_threads: int | None = None):
+                 backbone_id: str, device: str = "cpu", torch_threads: int | None = None, token: str = "block"):
         import torch
 
         from spg_dist.backbones import create_backbone
@@ -87,7 +87,7 @@ class EncodeActor:
         self.torch = torch
         self.model = create_backbone(backbone, weights=weights, device=device, image_size=image_size)
         self.layers = self.model.resolve_layers(layers)
-        self.backbone_id, self.image_size = backbone_id, image_size
+        self.backbone_id, self.image_size, self.token = backbone_id, image_size, token
         self.weights = weights or (self.model.config.source if not self.model.config.untrained else "random-init")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -98,7 +98,8 @@ class EncodeActor:
             pixels = self.torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
             if self.model.device.type == "cuda":
                 pixels = pixels.pin_memory()
-            out = self.model.encode(pixels, self.layers)
+            out = self.model.encode(pixels, self.layers, token=self.token) if self.token != "block" else \
+                self.model.encode(pixels, self.layers)
             grids = {layer: t.to(self.torch.float16).cpu().numpy() for layer, t in out.items()}
         tables = []
         for layer in self.layers:
@@ -109,7 +110,7 @@ class EncodeActor:
             offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]))
             values = pa.array(tokens.reshape(-1) if tokens is not None else np.zeros(0, np.float16), pa.float16())
             cols = {k: batch[k] for k in PASS_COLUMNS}
-            cols.update(backbone=[self.backbone_id] * n, layer=np.full(n, layer, np.int16), token=["block"] * n,
+            cols.update(backbone=[self.backbone_id] * n, layer=np.full(n, layer, np.int16), token=[self.token] * n,
                         image_size=np.full(n, self.image_size, np.int32),
                         grid_h=np.where(ok, h, 0).astype(np.int16), grid_w=np.where(ok, w, 0).astype(np.int16),
                         dim=np.where(ok, d, 0).astype(np.int32),

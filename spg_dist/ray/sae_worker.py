@@ -1,41 +1,216 @@
-"""The Ray Train worker of ``spg train-sae`` (``train_loop``): what runs on every worker of a ``TorchTrainer``.
+"""The worker side of ``spg train-sae``: one training loop, run either by every worker of a Ray Train
+``TorchTrainer`` (:func:`train_loop`) or in one process (:func:`train_local`, what sweep trials use: one process on
+whichever node the trial landed, on its share of a GPU).
 
-Reads the worker's shard (preprocessed per image, held in device memory) or its streaming split, initialises or
-resumes the trainer from the latest checkpoint (weights, optimizer, trackers, data position), steps every SAE of
-the grid on the same batches, checkpoints every ``checkpoint_every`` steps from rank 0, and on a non-finite loss
-leaves a marker the driver turns into one error line while the last good checkpoint stays. The driver side (run
-spec, resume checks, registration) is :mod:`spg_dist.ray.train_sae`.
+The loop reads the worker's shard (preprocessed per image, held in device memory) or its streaming split,
+initialises or resumes the trainer from the newest good checkpoint (weights, optimizer, trackers, data position),
+steps every SAE of the grid on the same batches, checkpoints every ``checkpoint_every`` steps from rank 0, and on a
+non-finite loss leaves a marker the driver turns into one error line while the last good checkpoint stays. The
+driver side (run spec, resume checks, registration) is :mod:`spg_dist.ray.train_sae`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import tempfile
 import time
+from typing import Any, Callable, Iterator
 
 from spg_dist.ray.sae_data import load_shard, memory_batches
 from spg_dist.sae import MultiSAETrainer, NonFiniteLossError, Preprocessing, SAEConfig, TrainConfig
-from spg_dist.sae.checkpoint import load_checkpoint, save_checkpoint
+from spg_dist.sae.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from spg_dist.store import Store
 from spg_dist.store.tokens import TokenSelection
 
 POSITION_FILE = "position.json"
 NONFINITE_FILE = "nonfinite.json"
+CHECKPOINT_PREFIX = "checkpoint_"
+LOG_PREFIX = "[spg]"
+
+
+class WorkerContext:
+    """What the loop needs from whoever runs it: rank, world, device, the latest checkpoint, and a way to report
+    metrics with (rank 0) a checkpoint folder."""
+
+    rank: int = 0
+    world: int = 1
+
+    def device(self, use_gpu: bool):
+        import torch
+
+        return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
+        return contextlib.nullcontext(None)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        raise NotImplementedError
+
+    def stream(self):
+        raise NotImplementedError("streamed data needs Ray Train (data_mode=stream, engine=ray-train)")
+
+    def wrap(self) -> Callable | None:
+        return None
+
+    def fired_reduce(self) -> Callable | None:
+        return None
+
+
+def checkpoint_ok(directory: str) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (missing or unreadable files), or None when it is whole."""
+    try:
+        meta = read_meta(directory)
+        for name in [*meta["files"]["saes"], meta["files"]["state"]]:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    return f"{name} is truncated"
+                size = int.from_bytes(head, "little")
+                f.seek(0, os.SEEK_END)
+                if f.tell() < 8 + size:
+                    return f"{name} is truncated"
+        json.loads(open(os.path.join(directory, POSITION_FILE)).read())
+    except (OSError, ValueError, KeyError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def newest_good_checkpoint(run_dir: str, echo: Callable[[str], None] = print) -> str | None:
+    """The newest whole ``checkpoint_*`` folder of a run (by step), skipping damaged ones with one line each."""
+    if not os.path.isdir(run_dir):
+        return None
+    found = []
+    for name in os.listdir(run_dir):
+        path = os.path.join(run_dir, name)
+        if name.startswith(CHECKPOINT_PREFIX) and os.path.isdir(path):
+            try:
+                step = json.loads(open(os.path.join(path, POSITION_FILE)).read())["step"]
+            except (OSError, ValueError, KeyError):
+                step = -1
+            found.append((step, name, path))
+    for step, name, path in sorted(found, reverse=True):
+        why = checkpoint_ok(path)
+        if why is None:
+            return path
+        echo(f"{LOG_PREFIX} skipping damaged checkpoint {name} of {os.path.basename(run_dir)}: {why}")
+    return None
+
+
+class LocalContext(WorkerContext):
+    """One process: checkpoints are folders ``<run_dir>/checkpoint_<step>`` written whole (temp folder, then
+    rename), the two newest kept; resume picks the newest whole one."""
+
+    def __init__(self, run_dir: str, keep: int = 2):
+        self.run_dir, self.keep = run_dir, keep
+        self.last_checkpoint: str | None = None
+
+    def latest_checkpoint(self):
+        return contextlib.nullcontext(newest_good_checkpoint(self.run_dir))
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        if checkpoint_dir is None:
+            return
+        step = json.loads(open(os.path.join(checkpoint_dir, POSITION_FILE)).read())["step"]
+        final = os.path.join(self.run_dir, f"{CHECKPOINT_PREFIX}{step:09d}")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        self.last_checkpoint = final
+        kept = sorted(n for n in os.listdir(self.run_dir) if n.startswith(CHECKPOINT_PREFIX)
+                      and not n.endswith(".tmp"))
+        for old in kept[:-self.keep]:
+            shutil.rmtree(os.path.join(self.run_dir, old), ignore_errors=True)
+
+
+class RayTrainContext(WorkerContext):
+    """A worker of a Ray Train ``TorchTrainer``: Ray Train keeps the checkpoints and restarts failed workers."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self, use_gpu: bool):
+        import ray.train.torch
+        import torch
+
+        return ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            why = checkpoint_ok(d)
+            if why is None:
+                yield d
+                return
+            # Ray Train hands out its latest checkpoint even when a file in it is damaged: fall back to the
+            # newest whole one among the run's other checkpoints
+            run_dir = os.path.dirname(os.path.normpath(ckpt.path))
+            print(f"{LOG_PREFIX} skipping damaged checkpoint {os.path.basename(ckpt.path)}: {why}", flush=True)
+            yield newest_good_checkpoint(run_dir, echo=lambda m: print(m, flush=True))
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    def stream(self):
+        import ray.train
+
+        return ray.train.get_dataset_shard("train")
+
+    def wrap(self):
+        import ray.train.torch
+
+        return (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if self.world > 1 else None
+
+    def fired_reduce(self):
+        if self.world == 1:
+            return None
+        import torch
+        import torch.distributed as dist
+
+        def reduce(mask):
+            m = mask.to(torch.int32)
+            dist.all_reduce(m, op=dist.ReduceOp.MAX)
+            return m.bool()
+        return reduce
 
 
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    import ray.train
-    import ray.train.torch
-    import torch
-    import torch.distributed as dist
+    run_worker(config, RayTrainContext())
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
-    store = Store(config["store"])
+
+def train_local(config: dict) -> str | None:
+    """The same loop in this process (world 1); returns the final checkpoint folder (None after a non-finite loss)."""
+    ctx = LocalContext(config["run_dir"])
+    os.makedirs(config["run_dir"], exist_ok=True)
+    run_worker(config, ctx)
+    return ctx.last_checkpoint
+
+
+def run_worker(config: dict, ctx: WorkerContext) -> None:
+    import torch
+
+    rank, world = ctx.rank, ctx.world
+    device = ctx.device(config["use_gpu"])
+    store = Store(config["store"], storage_options=config.get("storage_options"))
     flt = TokenSelection.from_dict(config["filter"])
     train_cfg = TrainConfig.from_dict(config["train"])
     configs = [SAEConfig.from_dict(c) for c in config["configs"]]
@@ -46,19 +221,19 @@ def train_loop(config: dict) -> None:
 
     if config["data_mode"] == "memory":
         tokens = load_shard(store, flt, rank, world, preprocessing=pre).to(device)  # per image, once
+        shard = None
     else:
-        tokens = None
-        shard = ray.train.get_dataset_shard("train")
+        tokens, shard = None, ctx.stream()
 
-    position = {"epoch": 0, "batch": 0, "step": 0}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
+    position: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0}
+    with ctx.latest_checkpoint() as d:
+        if d is not None:
             load_checkpoint(d, trainer)
             position = json.loads(open(os.path.join(d, POSITION_FILE)).read())
+    if position["step"]:
         position["resumed_from"] = position["step"]
         if rank == 0:
-            print(f"[spg] resumed {config['run_name']} from step {position['step']}", flush=True)
+            print(f"{LOG_PREFIX} resumed {config['run_name']} from step {position['step']}", flush=True)
     else:
         pick = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(train_cfg.seed))[:65536] \
             if tokens is not None else None  # a spread of images, not the first few
@@ -66,17 +241,11 @@ def train_loop(config: dict) -> None:
             batch_size=min(65536, per_worker_batch * 4), dtypes=torch.float32)))["x"]
         trainer.init_from_sample(sample.to(device).float(), preprocessed=True)
 
-    wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None
-    trainer.wrap(wrap)
-    fired_reduce = None
-    if world > 1:
-        def fired_reduce(mask):
-            m = mask.to(torch.int32)
-            dist.all_reduce(m, op=dist.ReduceOp.MAX)
-            return m.bool()
-
+    trainer.wrap(ctx.wrap())
+    fired_reduce = ctx.fired_reduce()
     history: list[dict] = position.get("history", [])
     step, t0, resumed_from = position["step"], time.perf_counter(), position.get("resumed_from", 0)
+    epoch, batch_idx = position["epoch"], position["batch"]
 
     def checkpoint(metrics: dict, final: bool = False) -> None:
         pos = {"epoch": epoch, "batch": batch_idx, "step": step, "history": history, "final": final,
@@ -86,11 +255,10 @@ def train_loop(config: dict) -> None:
                 save_checkpoint(trainer, d)
                 with open(os.path.join(d, POSITION_FILE), "w") as f:
                     json.dump(pos, f)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                ctx.report(metrics, d)
         else:
-            ray.train.report(metrics)
+            ctx.report(metrics, None)
 
-    epoch, batch_idx = position["epoch"], position["batch"]
     last: list[dict] = []
     try:
         while step < total:
@@ -110,12 +278,13 @@ def train_loop(config: dict) -> None:
                 if step == config.get("fault_at_step") and rank == 0:
                     _inject_fault_once(config["run_dir"])
                 if step % config["log_every"] == 0 or step == total:
+                    elapsed = max(time.perf_counter() - t0, 1e-9)
                     summary = {"step": step, "tokens": step * train_cfg.batch_tokens,
-                               "tokens_per_s": step * train_cfg.batch_tokens / max(time.perf_counter() - t0, 1e-9),
+                               "tokens_per_s": (step - resumed_from) * train_cfg.batch_tokens / elapsed,
                                "saes": last}
                     history.append(summary)
                     if rank == 0:
-                        print("[spg] step {}/{} ".format(step, total) + " | ".join(
+                        print(f"{LOG_PREFIX} step {step}/{total} " + " | ".join(
                             f"{c.name}: nmse {m['nmse']:.3f} L0 {m['l0']:.1f} dead {100 * m['dead_fraction']:.1f}%"
                             for c, m in zip(configs, last)), flush=True)
                 if step % config["checkpoint_every"] == 0 and step < total:

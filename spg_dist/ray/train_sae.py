@@ -12,16 +12,19 @@ Finished SAEs are registered in ``sae_models``. This module is the driver side; 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from spg_dist.errors import NoTokensError
 from spg_dist.ray.sae_data import TokenStats, load_images, owner, stream_dataset, token_stats
-from spg_dist.ray.sae_worker import NONFINITE_FILE, POSITION_FILE, train_loop
+from spg_dist.ray.sae_worker import (NONFINITE_FILE, POSITION_FILE, newest_good_checkpoint, train_local,
+                                     train_loop)
 from spg_dist.sae import (MultiSAETrainer, NonFiniteLossError, Preprocessing, SAEConfig, SAEConfigError,
                           TrainConfig)
 from spg_dist.sae.checkpoint import load_checkpoint
@@ -126,6 +129,7 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
                checkpoint_every: int = 200, log_every: int = 50, seed: int = 0,
                run_name: str | None = None, storage_path: str | None = None, max_failures: int = 0,
                shuffle_buffer: int = 65536, address: str | None = None, num_cpus: int | None = None,
+               batch_images: int | None = None, all_datasets: bool = False, engine: str = "ray-train",
                _fault_at_step: int | None = None) -> TrainSAEResult:
     """Train the (C, k, sparsifier) grid on stored tokens and register every SAE in ``sae_models``.
 
@@ -133,19 +137,30 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
     (``spg_dist.sae.preprocess.STEPS``, e.g. ``"center,standardize,constant"``) fitted here on a spread of the
     training images and recorded with every SAE; ``input_scaling="unit_mean_sq_norm"`` adds the ``scale`` step.
     ``dead_tokens`` None scales the 10 M default down to a tenth of the training tokens on small data.
+    ``batch_images`` (the paper's "batch of 16 images") sets ``batch_tokens`` to that many images' tokens.
+    Without ``dataset`` the store must hold this backbone/layer for one dataset only (else which data the SAE saw,
+    and so whether an evaluation is zero-shot, would be ambiguous), unless ``all_datasets``. ``engine``:
+    ``ray-train`` (a ``TorchTrainer``, DDP over ``workers``) or ``local`` (this process, one worker: what sweep
+    trials use on their node).
     """
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from spg_dist.ray.runtime import ensure_ray
-
     t0 = time.perf_counter()
+    if engine not in ("ray-train", "local"):
+        raise SAEConfigError(f"engine must be ray-train or local, not {engine!r}")
+    if engine == "local" and workers != 1:
+        raise SAEConfigError("engine local trains in one process: use workers=1 (or engine ray-train for DDP)")
+    check_run_name(run_name)
     store = store if isinstance(store, Store) else Store(store)
     layer = tokens.resolve_layer(store, backbone, layer)
     flt = TokenSelection.of(backbone, layer, dataset=dataset or None, category=categories or None, split=split)
-    ids = tokens.require(store, flt, "training tokens", ["image_id", "grid_h", "grid_w", "dim"])  # read once
+    ids = tokens.require(store, flt, "training tokens", ["image_id", "dataset", "grid_h", "grid_w", "dim"])  # once
+    seen = sorted(set(ids.column("dataset").to_pylist()))
+    if not dataset and len(seen) > 1 and not all_datasets:
+        raise SAEConfigError(f"the store holds {backbone} layer {layer} tokens of {len(seen)} datasets "
+                             f"({', '.join(seen)}): pass --dataset with the auxiliary one(s) to train on, so "
+                             f"evaluation can check zero-shot (or --all-datasets to train on all of them)")
     stats = token_stats(ids, flt)
+    if batch_images:
+        batch_tokens = int(batch_images) * max(1, stats.tokens // max(1, stats.images))
     per_image = [h * w for h, w in zip(ids.column("grid_h").to_pylist(), ids.column("grid_w").to_pylist())]
     per_worker = [0] * workers
     for image_id, n in zip(ids.column("image_id").to_pylist(), per_image):
@@ -167,8 +182,8 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
                          **{k: v for k, v in common.items() if v is not None})
     train_cfg = TrainConfig(lr=lr, batch_tokens=batch_tokens, seed=seed)
     spec = SAERunSpec(store.uri, backbone, layer, [c.to_dict() for c in configs], train_cfg.to_dict(), pre.to_dict(),
-                      flt.to_dict(), epochs, token_budget, workers, use_gpu, cpus_per_worker, data_mode,
-                      checkpoint_every, log_every)
+                      {**flt.to_dict(), "datasets_seen": seen}, epochs, token_budget, workers, use_gpu,
+                      cpus_per_worker, data_mode, checkpoint_every, log_every)
     name = run_name or spec.run_name()
     storage = storage_path or _default_storage(store)
     run_dir = os.path.join(storage, name)
@@ -182,9 +197,27 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
         return TrainSAEResult(name, run_dir, done, reused=True, seconds=time.perf_counter() - t0)
     _check_resumable(run_dir, configs, train_cfg, pre)
 
-    ensure_ray(address, num_cpus)
     loop_config = dict(asdict(spec), run_name=name, run_dir=run_dir, steps_per_epoch=steps_per_epoch,
-                       total_steps=total, shuffle_buffer=shuffle_buffer, fault_at_step=_fault_at_step)
+                       total_steps=total, shuffle_buffer=shuffle_buffer, fault_at_step=_fault_at_step,
+                       storage_options=store.storage_options)
+    if engine == "local":
+        if data_mode == "stream":
+            raise SAEConfigError("engine local holds the tokens in memory; data_mode stream needs engine ray-train")
+        final = train_local(loop_config)
+        if os.path.exists(nonfinite):
+            info = json.loads(open(nonfinite).read())
+            kept = newest_good_checkpoint(run_dir, echo=lambda _: None) or "none (no step finished before it)"
+            raise NonFiniteLossError(f"{info['message']}; run stopped, last good checkpoint kept: {kept}")
+        models = register(store, final, spec, name, run_dir, total)
+        return TrainSAEResult(name, run_dir, models, seconds=time.perf_counter() - t0)
+
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from spg_dist.ray.runtime import ensure_ray
+
+    ensure_ray(address, num_cpus)
     datasets = {"train": stream_dataset(store, flt, pre)} if data_mode == "stream" else None
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config, datasets=datasets,
@@ -205,6 +238,16 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
     return TrainSAEResult(name, run_dir, models, seconds=time.perf_counter() - t0)
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+def check_run_name(run_name: str | None) -> None:
+    """A run name is one path component inside the runs folder: never ``..``, a slash or an absolute path."""
+    if run_name is not None and (not RUN_NAME.fullmatch(run_name) or ".." in run_name):
+        raise SAEConfigError(f"--run-name {run_name!r}: use letters, digits, '.', '_' and '-' only (it names a "
+                             f"folder inside the store's _runs)")
+
+
 def register(store: Store, checkpoint, spec: SAERunSpec, run: str, run_dir: str, total_steps: int) -> list[dict]:
     """Write one ``sae_models`` row per SAE of the final checkpoint (weights as safetensors bytes)."""
     import datetime as dt
@@ -215,7 +258,7 @@ def register(store: Store, checkpoint, spec: SAERunSpec, run: str, run_dir: str,
 
     trainer = MultiSAETrainer([SAEConfig.from_dict(c) for c in spec.configs], TrainConfig.from_dict(spec.train),
                               Preprocessing.from_dict(spec.preprocessing), device=torch.device("cpu"))
-    with checkpoint.as_directory() as d:
+    with (checkpoint.as_directory() if hasattr(checkpoint, "as_directory") else contextlib.nullcontext(checkpoint)) as d:
         load_checkpoint(d, trainer)
         position = json.loads(open(os.path.join(d, POSITION_FILE)).read())
     if position["step"] != total_steps:
@@ -246,18 +289,14 @@ def register(store: Store, checkpoint, spec: SAERunSpec, run: str, run_dir: str,
 
 def _check_resumable(run_dir: str, configs: list[SAEConfig], train_cfg: TrainConfig, pre: Preprocessing) -> None:
     """A run directory holding checkpoints of other SAEs (e.g. a reused --run-name) fails here, in one line,
-    instead of inside every worker after the cluster has started."""
-    import glob
-
+    instead of inside every worker after the cluster has started. Only checkpoint folders count (Ray Train also
+    writes ``checkpoint_manager_snapshot.json`` there)."""
     from spg_dist.sae import read_meta
 
-    ckpts = sorted(glob.glob(os.path.join(run_dir, "checkpoint_*")), key=os.path.getmtime)
-    if not ckpts:
+    latest = newest_good_checkpoint(run_dir, echo=lambda _: None)
+    if latest is None:
         return
-    try:
-        meta = read_meta(ckpts[-1])
-    except FileNotFoundError:
-        return  # an incomplete checkpoint: Ray Train falls back to the previous one
+    meta = read_meta(latest)
     probe = MultiSAETrainer(configs, train_cfg, pre)
     try:
         probe.check_compatible(meta)
@@ -286,4 +325,4 @@ def _default_storage(store: Store) -> str:
     return f"{store.uri.rstrip('/')}/_runs"
 
 
-__all__ = ["SAERunSpec", "TrainSAEResult", "train_saes"]
+__all__ = ["SAERunSpec", "TrainSAEResult", "check_run_name", "train_saes"]

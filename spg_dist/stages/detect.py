@@ -107,7 +107,7 @@ def _prepare_spg(store: Store, det: Detector, ctx: dict[str, Any], echo: Echo) -
         guide_id = s.guides
     spg, row = load_spg(store, guide_id, device=ctx["device"], **pooling)
     ctx.update(backbone=row["backbone"], aux=row["aux_dataset"].split("+"), guide_id=guide_id, sae_id=row["sae_id"],
-               seen={"the guides": row["aux_dataset"].split("+")})
+               seen={"the guides": row["aux_dataset"].split("+"), "the SAE": row["sae_datasets"]})
     return spg
 
 

@@ -25,7 +25,7 @@ import torch
 from spg_dist.detectors.base import Detector, FitData
 from spg_dist.evaluation import METRICS, evaluate_category, mean_over_categories
 from spg_dist.guides import upsample
-from spg_dist.stages.inputs import MASK_SCALE, InputSource, load_masks
+from spg_dist.stages.inputs import MASK_SCALE, InputSource, load_masks, load_native_masks
 from spg_dist.store import Store, eval_results
 
 FitFn = Callable[[Detector, FitData], None]
@@ -86,8 +86,25 @@ def _maps(patch: np.ndarray, size: int) -> np.ndarray:
     return upsample(torch.from_numpy(np.ascontiguousarray(patch, np.float32)), size).numpy()
 
 
+RESOLUTIONS = ("native", "input")
+
+
+def resolve_resolution(resolution: int | str | None, source: InputSource) -> int | str:
+    """The side the maps and masks are compared at: an int (square), ``"input"`` (the extraction size), or
+    ``"native"`` (each image at its own size, masks at full resolution: the paper's protocol)."""
+    if resolution is None:
+        return int(MASK_SCALE * max(source.grid()))
+    if isinstance(resolution, str) and not resolution.isdigit():
+        if resolution not in RESOLUTIONS:
+            raise ValueError(f"resolution {resolution!r}: use a number of pixels, input or native")
+        return int(source.image_size()) if resolution == "input" else "native"
+    if int(resolution) < 1:
+        raise ValueError(f"resolution {resolution!r} must be >= 1")
+    return int(resolution)
+
+
 def evaluate_detector(store: Store, detector: Detector, source: InputSource, *, run: str | None = None,
-                      resolution: int | None = None, categories: Sequence[str] | None = None,
+                      resolution: int | str | None = None, categories: Sequence[str] | None = None,
                       fit: FitFn | None = None, batch_size: int = 64, report_dir: str | Path | None = None,
                       overlays: int = 8, taus: Sequence[float] | None = None, guide_id: str = "",
                       sae_id: str = "", shots: int = 0, aux: Sequence[str] | None = None, write: bool = True,
@@ -95,7 +112,8 @@ def evaluate_detector(store: Store, detector: Detector, source: InputSource, *, 
     """Evaluate ``detector`` on the test split of ``source.target`` (see the module docstring).
 
     ``fit(detector, data)`` fits (default ``detector.fit``; ``spg detect`` passes one that reuses stored weights);
-    ``resolution`` is the side of the square maps and masks are compared at (default 4 x the token grid); ``aux``
+    ``resolution`` is the side of the square maps and masks are compared at (default 4 x the token grid; ``input``:
+    the extraction size; ``native``: each image and its full-resolution mask at their own size); ``aux``
     the datasets the model was trained on, as recorded (default: what the detector reads now).
     """
     t0 = time.perf_counter()
@@ -105,8 +123,10 @@ def evaluate_detector(store: Store, detector: Detector, source: InputSource, *, 
     cats = sorted(set(meta.column("category").to_pylist()))
     if categories:
         cats = [c for c in cats if c in set(categories)]
-    size = int(resolution or MASK_SCALE * max(source.grid()))  # (detect passes one for pixel-only detectors)
+    size = resolve_resolution(resolution, source)  # (detect passes one for pixel-only detectors)
+    native = size == "native"
     uris = source.uris(source.target)
+    sizes = source.sizes(source.target) if native else {}
     fit_seconds = 0.0
 
     def fit_data(for_cats: Sequence[str], category: str | None) -> FitData:
@@ -140,10 +160,21 @@ def evaluate_detector(store: Store, detector: Detector, source: InputSource, *, 
             part = test.subset(np.arange(s, min(s + batch_size, len(test))))
             patch = np.asarray(detector.score(part), np.float32)
             scores.append(patch)
-            maps.append(detector.postprocess_maps(_maps(patch, size)))
-        patch_scores, amaps = np.concatenate(scores), np.concatenate(maps).astype(np.float32)
-        image = detector.image_scores(amaps if detector.pool_on == "map" else patch_scores)
-        masks = load_masks(test.image_ids, uris, size)
+            if native:  # each image at its own size (upsampled one by one: sizes may differ)
+                maps.extend(detector.postprocess_maps(_maps(patch[i:i + 1], sizes[iid]))[0].astype(np.float32)
+                            for i, iid in enumerate(part.image_ids))
+            else:
+                maps.append(detector.postprocess_maps(_maps(patch, size)))
+        patch_scores = np.concatenate(scores)
+        if native:
+            amaps = maps
+            image = (np.array([detector.image_scores(m[None])[0] for m in amaps]) if detector.pool_on == "map"
+                     else detector.image_scores(patch_scores))
+            masks = load_native_masks(test.image_ids, uris, sizes)
+        else:
+            amaps = np.concatenate(maps).astype(np.float32)
+            image = detector.image_scores(amaps if detector.pool_on == "map" else patch_scores)
+            masks = load_masks(test.image_ids, uris, size)
         labels = np.asarray(test.labels)
         results[cat] = evaluate_category(labels, image, masks, amaps)
         per[cat] = {"ids": test.image_ids, "labels": labels, "scores": image, "masks": masks, "maps": amaps}
@@ -167,6 +198,8 @@ def evaluate_detector(store: Store, detector: Detector, source: InputSource, *, 
                                         category=cat, metric=m, value=float(r[m]), pooling=detector.pooling,
                                         resolution=res, seconds=float(seconds), created_at=now)
                                    for cat, r in results.items() for m in METRICS])
+    if taus and native:
+        raise ValueError("a τ sweep needs maps of one size: use a numeric --resolution with --taus")
     if taus:
         from spg_dist.viz.sweeps import tau_sweep
 

@@ -121,7 +121,14 @@ def load_spg(store: Store, guide_id: str, device: str = "cpu", **overrides: Any)
                                 (row["anomaly_indices"], row["anomaly_values"]))):
         z[r, torch.as_tensor(i, dtype=torch.long)] = torch.as_tensor(v, dtype=torch.float32)
     detector.load_state_dict({"coefficients": z})
-    return detector, {**row, "backbone": sae_row["backbone"], "layer": int(sae_row["layer"])}
+    return detector, {**row, "backbone": sae_row["backbone"], "layer": int(sae_row["layer"]),
+                      "sae_datasets": sae_datasets(sae_row)}
 
 
-__all__ = ["GuidesResult", "guide_id_for", "load_sae", "load_spg", "train_guides"]
+def sae_datasets(row: dict[str, Any]) -> list[str]:
+    """The datasets an SAE was trained on, as recorded with it (older rows: the dataset filter, if any)."""
+    flt = json.loads(row.get("config") or "{}").get("filter", {})
+    return sorted(flt.get("datasets_seen") or flt.get("dataset") or [])
+
+
+__all__ = ["GuidesResult", "guide_id_for", "load_sae", "load_spg", "sae_datasets", "train_guides"]

@@ -34,6 +34,20 @@ def decode_png_mask(data: bytes) -> np.ndarray:
         return (np.asarray(im.convert("L")) > 0).astype(np.uint8)
 
 
+def load_native_masks(image_ids: Sequence[str], uris: dict[str, tuple[str, str]],
+                      sizes: dict[str, tuple[int, int]]) -> list[np.ndarray]:
+    """Masks at each image's own resolution (full-resolution ground truth); all-normal where there is none."""
+    out = []
+    for image_id in image_ids:
+        mask_uri = uris.get(image_id, ("", ""))[1]
+        if mask_uri:
+            out.append(load_mask(mask_uri))
+        else:
+            h, w = sizes[image_id]
+            out.append(np.zeros((int(h), int(w)), np.uint8))
+    return out
+
+
 def load_masks(image_ids: Sequence[str], uris: dict[str, tuple[str, str]], size: int) -> np.ndarray:
     """[N, size, size] uint8 masks; an image without a mask is all-normal (its ``images`` row says so)."""
     out = np.zeros((len(image_ids), size, size), np.uint8)
@@ -102,6 +116,12 @@ class InputSource:
             self._uris[dataset] = images.uris(self.store, dataset)
         return self._uris[dataset]
 
+    def sizes(self, dataset: str) -> dict[str, tuple[int, int]]:
+        """``{image_id: (height, width)}`` of the original files (what native-resolution evaluation compares at)."""
+        t = images.rows(self.store, dataset=dataset, columns=("image_id", "width", "height"))
+        return dict(zip(t.column("image_id").to_pylist(),
+                        zip(t.column("height").to_pylist(), t.column("width").to_pylist())))
+
     def target_meta(self) -> pa.Table:
         meta = self.meta(self.target, "test")
         if meta.num_rows == 0:
@@ -163,6 +183,9 @@ class InputSource:
             if rows.num_rows == 0:
                 raise MissingInputError(f"no normal train images of category {cat!r} in {self.target} for few-shot "
                                         f"fitting; extract its train split (`spg extract`) or use a zero-shot method")
+            if rows.num_rows < n:
+                raise MissingInputError(f"category {cat!r} of {self.target} has {rows.num_rows} normal train "
+                                        f"image(s); {n} shots asked for: lower --shots")
             parts.append(rows.slice(0, n))
         return self._token_set(self.target, pa.concat_tables(parts), with_uris=with_uris)
 
@@ -220,4 +243,4 @@ def _concat(sets: list[TokenSet]) -> TokenSet:
                     image_uris=[u for s in sets for u in (s.image_uris or [])] or None)
 
 
-__all__ = ["InputSource", "MASK_SCALE", "load_masks"]
+__all__ = ["InputSource", "MASK_SCALE", "load_masks", "load_native_masks"]
