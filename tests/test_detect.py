@@ -23,8 +23,8 @@ def run(store, *args):
 
 
 def test_cli_runs_detectors_into_one_table(store):
-    for method in ("knn", "lake", "musc"):
-        r = run(store, "--method", method, "--target", "aux", "--backbone", "bb")
+    for method, extra in (("knn", ["--shots", "2"]), ("lake", ["--shots", "2"]), ("musc", [])):
+        r = run(store, "--method", method, "--target", "aux", "--backbone", "bb", *extra)
         assert r.exit_code == 0, r.output
         assert "mean" in r.output and f"{method} on aux" in r.output
     rows = store.read("eval_results", columns=["detector", "resolution"]).to_pandas()
@@ -40,7 +40,9 @@ def test_cli_runs_detectors_into_one_table(store):
     (["--method", "knn", "--target", "tgt", "--backbone", "bb"], "no normal train images of category 't0'"),
     (["--method", "knn", "--target", "aux", "--backbone", "other"], "no test-split other tokens"),
     (["--method", "knn", "--target", "aux", "--backbone", "bb", "--param", "layer=-3"], "has only layers [3]"),
-    (["--method", "foundad", "--target", "aux", "--backbone", "bb"], "spg extract --dataset ... --corruptions"),
+    (["--method", "knn", "--target", "aux", "--backbone", "bb"], "has 2 normal train image(s); 4 shots asked"),
+    (["--method", "foundad", "--target", "aux", "--backbone", "bb", "--shots", "2"],
+     "spg extract --dataset ... --corruptions"),
     (["--method", "knn", "--target", "aux", "--param", "shots"], "expected KEY=VALUE"),
 ])
 def test_bad_input_is_one_line(store, args, message):
@@ -57,4 +59,4 @@ def test_errors_are_spg_errors(store):
     with pytest.raises(NoTargetDataError):
         detect(store, "knn", "aux", backbone="other")
     with pytest.raises(NoTokensError):
-        detect(store, "knn", "aux", backbone="bb", params={"layer": -2})
+        detect(store, "knn", "aux", backbone="bb", shots=2, params={"layer": -2})

@@ -151,3 +151,24 @@ def test_corrupted_copies_are_stored_paired_and_keyed(ray_cluster, dataset, tmp_
     again = extract(store, spec, "tiny-dinov3", image_size=SIZE, batch_size=4, corruptions=2, progress=False)
     assert again.rows_written == 0 and store.count("patch_tokens") == res.rows_written
     assert store.count("corruptions") == 2 * len(normal_train)
+
+
+def test_token_after_the_final_norm(ray_cluster, dataset, tmp_path):
+    """`--token norm`: the last block's tokens after the model's final norm (last_hidden_state), stored under
+    `<backbone>+norm` with token='norm'; the classical encoder (no final norm) is refused in one line."""
+    store = Store(tmp_path / "store")
+    spec = f"mvtec:{dataset}"
+    records = list_records(spec)
+    res = extract(store, spec, "tiny-dinov3", image_size=SIZE, token="norm", progress=False)
+    assert res.backbone_id == "tiny-dinov3+norm" and res.rows_written == len(records)
+    meta, toks = load_tokens(store, "tiny-dinov3+norm", res.layers[0])
+    assert set(meta.column("token").to_pylist()) == {"norm"}
+    model = create_backbone("tiny-dinov3", image_size=SIZE)
+    by_id = {r.image_id: r for r in records}
+    ids = meta.column("image_id").to_pylist()[:3]
+    pixels = torch.from_numpy(np.stack([load_image(by_id[i].image_uri, SIZE) for i in ids]))
+    direct = model.encode(pixels, token="norm")[res.layers[0]].to(torch.float16).numpy()
+    np.testing.assert_allclose(toks[:3].astype(np.float32), direct.astype(np.float32), rtol=1e-3, atol=1e-3)
+    r = CliRunner().invoke(main, ["extract", "--dataset", spec, "--backbone", "texture-filterbank", "--token", "norm",
+                                  "--store", str(tmp_path / "s2")])
+    assert r.exit_code == 1 and "has no final norm" in r.output and "Traceback" not in r.output

@@ -58,6 +58,10 @@ def extract_options(f):
                      help="Store URI: a local folder or s3://… / gs://…"),
         click.option("--layers", default=None, callback=_int_list,
                      help="Comma-separated transformer blocks to store (1-based; -1 = last). Default: last."),
+        click.option("--token", type=click.Choice(["block", "norm"]), default="block", show_default=True,
+                     help="Which output of those blocks: 'block' (the block's output) or 'norm' (after the model's "
+                          "final norm, as last_hidden_state / open_clip's ln_post: what DINOv3 and CLIP users take); "
+                          "'norm' rows are stored under the backbone id <name>+norm."),
         click.option("--image-size", type=int, default=None,
                      help="Resize images to this square side. Default: the backbone's (448 DINOv3, 518 OpenCLIP L)."),
         click.option("--category", "categories", multiple=True, callback=_str_list,

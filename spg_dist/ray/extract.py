@@ -94,6 +94,10 @@ def extract(store: str | Store, dataset: str, backbone: str, *, weights: str | N
 
     if token not in TOKEN_CHOICES:
         raise ValueError(f"token must be one of {TOKEN_CHOICES}, not {token!r}")
+    if token == "norm" and config.family == "classical":
+        from spg_dist.backbones import NoFinalNormError
+
+        raise NoFinalNormError(f"backbone {backbone!r} has no final norm: extract it with --token block")
     bid = backbone_id or backbone_id_for(backbone, weights, token)
     layer_list = sorted(set(resolve_layers(layers, config.num_layers, backbone)))
 

@@ -245,7 +245,8 @@ def _train_group_saes(store: Store, plan: SweepPlan, group: list[Trial]) -> dict
                          epochs=s1["epochs"], batch_tokens=s1["batch_tokens"], batch_images=s1.get("batch_images"),
                          lr=s1["lr"], checkpoint_every=s1["checkpoint_every"], log_every=s1["log_every"],
                          seed=c["seed"], preprocess=None if c["preprocess"] == "none" else c["preprocess"],
-                         use_gpu=plan.resources.gpus > 0, engine="local")
+                         use_gpu=plan.resources.gpus > 0, engine="local",
+                         run_name=None if plan.share else f"{plan.name}-{group[0].trial_id}")
     return {(m["C"], m["k"], m["sparsifier"]): m["sae_id"] for m in trained.models}
 
 

@@ -13,6 +13,7 @@ Finished SAEs are registered in ``sae_models``. This module is the driver side; 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -293,10 +294,14 @@ def _check_resumable(run_dir: str, configs: list[SAEConfig], train_cfg: TrainCon
     writes ``checkpoint_manager_snapshot.json`` there)."""
     from spg_dist.sae import read_meta
 
-    latest = newest_good_checkpoint(run_dir, echo=lambda _: None)
-    if latest is None:
+    folders = sorted(f for f in glob.glob(os.path.join(run_dir, "checkpoint_*"))
+                     if os.path.isfile(os.path.join(f, "trainer.json")))
+    if not folders:
         return
-    meta = read_meta(latest)
+    try:
+        meta = read_meta(folders[-1])
+    except (OSError, ValueError):
+        return  # a damaged checkpoint: resuming falls back to the newest whole one
     probe = MultiSAETrainer(configs, train_cfg, pre)
     try:
         probe.check_compatible(meta)

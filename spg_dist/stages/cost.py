@@ -78,7 +78,7 @@ def tokens_per_image(backbone: str) -> int:
 
 def dataset_images(dataset: str, split: str = "all") -> int:
     """Images of ``dataset`` in ``split`` ("all", "train" or "test")."""
-    return DATASETS[dataset]["images" if split == "all" else split]
+    return DATASETS[dataset]["images"] if split == "all" else DATASETS[dataset][split]
 
 
 def tokens_per_dataset(backbone: str, split: str = "all") -> dict[str, int]:

@@ -213,6 +213,7 @@ class SweepPlan:
     resolution: int | str | None = None
     store: str | None = None
     weights: dict[str, str] = field(default_factory=dict)  # backbone -> local weights (path or hub id)
+    share: bool = True  # False: every trial trains its own SAE in its own pass (the baseline bench/sweep.py measures)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], default_name: str = "sweep") -> "SweepPlan":
@@ -237,7 +238,8 @@ class SweepPlan:
         plan = cls(name=name, grid=Grid.from_dict(d["grid"]), data={str(k): str(v) for k, v in data_map.items()},
                    stage1=Stage1.from_dict(d.get("stage1") or {}), resources=Resources.from_dict(d.get("resources") or {}),
                    detector_params={str(k): dict(v) for k, v in params.items()}, resolution=res,
-                   store=d.get("store"), weights={str(k): str(v) for k, v in weights.items()})
+                   store=d.get("store"), weights={str(k): str(v) for k, v in weights.items()},
+                   share=bool(d.get("share", True)))
         for det, p in plan.detector_params.items():
             from spg_dist.detectors import DetectorConfigError, create_detector
 
@@ -271,7 +273,7 @@ class SweepPlan:
                     for C, k, sp, guides, pooling in itertools.product(g.C, g.k, g.sparsifier, g.guides, g.pooling):
                         cfg = {**base, "detector": "spg", "preprocess": pre, "C": C, "k": k, "sparsifier": sp,
                                "guides": dict(guides), "pooling": pooling, "stage1": dataclasses.asdict(self.stage1)}
-                        out.append(_trial("spg", cfg, group))
+                        out.append(_trial("spg", cfg, group if self.share else _digest(cfg)))
         seen: dict[str, Trial] = {}
         for t in out:
             seen.setdefault(t.trial_id, t)
