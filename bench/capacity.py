@@ -12,8 +12,9 @@ a ratio against a baseline computed in the same run.
 Model (the assumptions are also printed under each table):
   tokens      images x grid^2 (CLS/register tokens dropped), one layer (the last) per backbone.
   store       patch_tokens fp16 + 1.7 % Lance overhead (README: 153 kB stored for 150.5 kB of tokens);
-              sae_codes k x (int32 index + float32 value) per token; atom_index one row per activation at
-              ATOM_ROW_BYTES (see there); SAE weights fp32 in sae_models.
+              sae_codes and atoms (atom_images + atom_top) at the bytes per activation (token x k) measured by
+              bench/atoms.py (CODES_/ATOMS_BYTES_PER_ACTIVATION); atoms only for the SAEs a user encodes
+              (`spg encode`), a sweep encodes none; SAE weights fp32 in sae_models.
   SAE FLOPs   our sparse kernels (spg_dist/sae/kernels.py), see `sae_flops`.
   SAE time    a + b*C seconds per token per SAE, fitted to the dense TopK step measured on the H200 (k-independent,
               no AuxK); AuxK on top from the measured top-k time and its FLOPs.
@@ -35,7 +36,7 @@ from dataclasses import replace
 from typing import Any
 
 from spg_dist.stages.cost import (  # noqa: F401  (the model lives in the package; this file prints it)
-    ATOM_ROW_BYTES, BACKBONES, CODE_ENTRY_BYTES, CostModel, DATASETS, DEFAULT_BACKBONE, DIRECTIONS, Grid, H200_DENSE_STEP, H200_DENSE_STEP_BATCH, H200_FORWARD_IMAGES_PER_S, H200_PEAK_FLOPS, H200_PIPELINE_IMAGES_PER_S, H200_TOPK_S_PER_TOKEN_LATENT, LANCE_OVERHEAD, PAPER_BATCH_IMAGES, PAPER_CS, PAPER_EPOCHS, PAPER_KS, SRC_CPU, SRC_MEASURED, STEP_MODEL, STORE_READ_BYTES_PER_S, backbone_shape, dataset_images, default_mfu, dense_sae_flops, extract_rate, extract_seconds, fit_step_model, guide_seconds, k_aux_effective, load_seconds, lpt_makespan, measured_mfu, plan, sae_flops, sae_seconds, src_flops, step_seconds, store_bytes, tokens_per_dataset, tokens_per_image, vit_forward_flops)
+    ATOMS_BYTES_PER_ACTIVATION, BACKBONES, CODES_BYTES_PER_ACTIVATION, CostModel, DATASETS, DEFAULT_BACKBONE, DIRECTIONS, Grid, H200_DENSE_STEP, H200_DENSE_STEP_BATCH, H200_FORWARD_IMAGES_PER_S, H200_PEAK_FLOPS, H200_PIPELINE_IMAGES_PER_S, H200_TOPK_S_PER_TOKEN_LATENT, LANCE_OVERHEAD, PAPER_BATCH_IMAGES, PAPER_CS, PAPER_EPOCHS, PAPER_KS, SRC_CPU, SRC_MEASURED, STEP_MODEL, STORE_READ_BYTES_PER_S, backbone_shape, dataset_images, default_mfu, dense_sae_flops, extract_rate, extract_seconds, fit_step_model, guide_seconds, k_aux_effective, load_seconds, lpt_makespan, measured_mfu, plan, sae_flops, sae_seconds, src_flops, step_seconds, store_bytes, tokens_per_dataset, tokens_per_image, vit_forward_flops)
 
 
 def report(args: argparse.Namespace) -> dict[str, Any]:
@@ -51,7 +52,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
                             "median of the fractions implied by the measured bare forwards (GPU.md)"),
         "measured_fractions": {b: measured_mfu(b) for b in H200_FORWARD_IMAGES_PER_S},
         "step_model_a_s_per_token": costs.step_model[0], "step_model_b_s_per_token_latent": costs.step_model[1],
-        "atom_row_bytes": ATOM_ROW_BYTES, "code_entry_bytes": CODE_ENTRY_BYTES, "lance_overhead": LANCE_OVERHEAD,
+        "atoms_bytes_per_activation": ATOMS_BYTES_PER_ACTIVATION,
+        "codes_bytes_per_activation": CODES_BYTES_PER_ACTIVATION, "lance_overhead": LANCE_OVERHEAD,
         "read_bytes_per_s": costs.read_bytes_per_s, "extract_efficiency": costs.extract_efficiency,
         "dead_fraction": costs.dead_fraction, "auxk": costs.auxk, "guide_steps": costs.guide_steps,
         "guide_step_floor_s": costs.guide_step_floor_s, "datasets": DATASETS}}
@@ -74,12 +76,12 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
             enc_tokens = tk["total"] if grid.encode == "both" else tk[aux]
             cells = {f"{C},{k}": store_bytes(enc_tokens, s["dim"], k, C) for C in grid.Cs for k in grid.ks}
             tot = {key: grid.seeds * sum(c[key] for c in cells.values())
-                   for key in ("sae_codes", "atom_index", "atom_index_rows", "sae_weights")}
+                   for key in ("sae_codes", "atoms", "activations", "sae_weights")}
             per_dir[f"{aux}->{target}"] = {"encoded_tokens": enc_tokens, "cells": cells, "grid_total": tot}
         grid_tot = {key: sum(v["grid_total"][key] for v in per_dir.values())
-                    for key in ("sae_codes", "atom_index", "atom_index_rows", "sae_weights")}
+                    for key in ("sae_codes", "atoms", "activations", "sae_weights")}
         grid_tot["patch_tokens"] = pt["total"]
-        grid_tot["total"] = grid_tot["patch_tokens"] + grid_tot["sae_codes"] + grid_tot["atom_index"] + grid_tot["sae_weights"]
+        grid_tot["total"] = grid_tot["patch_tokens"] + grid_tot["sae_codes"] + grid_tot["atoms"] + grid_tot["sae_weights"]
         store[bb] = {"patch_tokens": pt, "directions": per_dir, "grid_total": grid_tot}
     out["store"] = store
 
@@ -158,26 +160,29 @@ def print_tables(r: dict[str, Any], args: argparse.Namespace) -> None:
               f"MVTec AD {_gb(pt['mvtec'])} GB + VisA {_gb(pt['visa'])} GB = {_gb(pt['total'])} GB")
         for dname, dv in s["directions"].items():
             print(f"  {dname}: one SAE encodes {dv['encoded_tokens']:,} tokens; per (C, k) cell (the same for every "
-                  f"C: atom ids are int32), GB")
-            print(f"    {'k':>5} {'sae_codes':>10} {'atom_index':>11} {'rows (M)':>10} {'atoms/codes':>12} "
+                  f"C: bytes per activation measured at C = 4096), GB")
+            print(f"    {'k':>5} {'sae_codes':>10} {'atoms':>11} {'act. (M)':>10} {'atoms/codes':>12} "
                   f"{'atoms/patch_tokens':>19}")
             C0 = args.Cs[0]
             for k in args.ks:
                 c = dv["cells"][f"{C0},{k}"]
-                print(f"    {k:>5} {_gb(c['sae_codes']):>10} {_gb(c['atom_index']):>11} "
-                      f"{c['atom_index_rows'] / 1e6:>10,.0f} {c['atom_index'] / c['sae_codes']:>11.2f}x "
-                      f"{c['atom_index'] / pt['total']:>18.2f}x")
+                print(f"    {k:>5} {_gb(c['sae_codes']):>10} {_gb(c['atoms']):>11} "
+                      f"{c['activations'] / 1e6:>10,.0f} {c['atoms'] / c['sae_codes']:>11.2f}x "
+                      f"{c['atoms'] / pt['total']:>18.2f}x")
             g = dv["grid_total"]
             print(f"    grid ({len(args.Cs)}x{len(args.ks)} cells x {args.seeds} seed(s)): sae_codes {_gb(g['sae_codes'])} GB, "
-                  f"atom_index {_gb(g['atom_index'])} GB ({g['atom_index_rows'] / 1e9:.2f} G rows), "
+                  f"atoms {_gb(g['atoms'])} GB ({g['activations'] / 1e9:.2f} G activations), "
                   f"sae_models {_gb(g['sae_weights'])} GB")
         g = s["grid_total"]
         print(f"  whole grid, both directions: {_gb(g['total'])} GB = patch_tokens {_gb(g['patch_tokens'])} + sae_codes "
-              f"{_gb(g['sae_codes'])} + atom_index {_gb(g['atom_index'])} + sae_models {_gb(g['sae_weights'])}; "
-              f"atom_index / sae_codes {g['atom_index'] / g['sae_codes']:.2f}x, atom_index / patch_tokens "
-              f"{g['atom_index'] / g['patch_tokens']:.1f}x")
-    print(f"  atom_index row: {ATOM_ROW_BYTES} B assumed (atom int32 + patch int32 + value float32 + image_id "
-          f"dictionary index int32 + sae_id/category/split/label dictionary-encoded ~1 B each); all k codes live")
+              f"{_gb(g['sae_codes'])} + atoms {_gb(g['atoms'])} + sae_models {_gb(g['sae_weights'])}; "
+              f"atoms / sae_codes {g['atoms'] / g['sae_codes']:.2f}x, atoms / patch_tokens "
+              f"{g['atoms'] / g['patch_tokens']:.1f}x")
+    print(f"  bytes per activation (token x k, all k codes live), measured by bench/atoms.py on 1.0e8 synthetic "
+          f"activations (C = 4096, k = 32, 784 patches/image, 6 categories), data + indexes: sae_codes "
+          f"{CODES_BYTES_PER_ACTIVATION:g} B, atoms (atom_images + atom_top) {ATOMS_BYTES_PER_ACTIVATION:g} B")
+    print("  atoms are built only for the SAEs a user encodes (`spg encode`); a sweep encodes none, so the grid "
+          "totals above count codes and atoms as if every cell were encoded")
 
     # 3. FLOPs + 4. time per (C, k)
     for bb, dirs in r["sae"].items():

@@ -6,7 +6,8 @@
            steps; plus ours without AuxK (dead fraction).
   grid     a 4-cell (C, k) grid trained in one `train_saes` pass vs four separate runs (Ray Train, from the store)
   loader   tokens/s from the store into the trainer vs the same bytes from a NumPy file
-  query    latency of the top-8 atom query on an atom_index of >= 10 M rows (indexed; and the unindexed scan)
+  query    latency of the top-8 atom queries (overall, within a category) on atom tables built from >= 10 M
+           activations of sae_codes (indexed; and the unindexed scan). bench/atoms.py measures them in depth
 
     python bench/sae.py                       # everything, CPU-sized
     python bench/sae.py --sections kernels --d 1024 --batch 16384 --Cs 8192,131072   # GPU-sized
@@ -250,67 +251,61 @@ def section_loader(args, work: Path) -> None:
 
 
 def section_query(args, work: Path) -> None:
-    import lance
     import pyarrow as pa
 
-    from spg_dist.store import Store, load_schema
-    from spg_dist.store.atoms import ensure_atom_indexes, top_patches
+    from spg_dist.store import Store, codes, load_schema, write_fragment
+    from spg_dist.store.atoms import top_patches
+    from spg_dist.store.filters import where
 
     store = Store(work / "query_store")
-    rows, C, sae = args.query_rows, 8192, "bench/L1/topk-C8192-k32/q"
+    C, k, grid, sae = 8192, 32, 16, "bench/L1/topk-C8192-k32/q"
+    n_img = -(-args.query_rows // (grid * grid * k))
     rng = np.random.default_rng(0)
-    if store.count("atom_index") < rows:
-        uri = store.lance_uri("atom_index")
-        schema = load_schema("atom_index")
-        chunk = 2_000_000
-        for s in range(0, rows, chunk):
-            n = min(chunk, rows - s)
-            img = rng.integers(0, rows // (256 * 32) + 1, n)
-            tbl = pa.table({"sae_id": pa.array([sae] * n), "atom": rng.integers(0, C, n).astype(np.int32),
-                            "image_id": pa.array([f"b/{i:06d}" for i in img]),
-                            "category": pa.array([f"c{i % 12}" for i in img]), "split": pa.array(["test"] * n),
-                            "label": pa.array((img % 2).astype(np.int8)),
-                            "patch": rng.integers(0, 256, n).astype(np.int32),
-                            "value": rng.random(n).astype(np.float32)})
-            lance.write_dataset(schema.validate(tbl), uri, mode="append")
-        # sae_codes rows so queries know the grid and the categories (one image per category is enough)
-        store.upsert("sae_codes", [dict(sae_id=sae, image_id=f"b/{c:06d}", dataset="b", category=f"c{c}",
-                                        split="test", label=0, grid_h=16, grid_w=16, k=1, indices=[0] * 256,
-                                        values=[0.0] * 256) for c in range(12)])
-        # atom_top as `spg encode` materialises it: the top 64 of every atom
-        n = C * 64
-        patch = rng.integers(0, 256, n).astype(np.int32)
-        lance.write_dataset(load_schema("atom_top").validate(pa.table({
-            "sae_id": pa.array([sae] * n), "atom": np.repeat(np.arange(C, dtype=np.int32), 64),
-            "rank": np.tile(np.arange(64, dtype=np.int32), C), "image_id": pa.array([f"b/{i % 997:06d}" for i in range(n)]),
-            "category": pa.array([f"c{i % 12}" for i in range(n)]), "patch": patch,
-            "row": (patch // 16).astype(np.int16), "col": (patch % 16).astype(np.int16),
-            "value": np.sort(rng.random(n).astype(np.float32))[::-1].copy()})), store.lance_uri("atom_top"),
-            mode="append")
+    if store.count("sae_codes", where(sae_id=sae)) < n_img:
+        schema = load_schema("sae_codes")
+        for s in range(0, n_img, 256):
+            n = min(256, n_img - s)
+            e = n * grid * grid * k
+            idx = np.stack([rng.permutation(C)[:k] for _ in range(64)]).astype(np.int32)   # 64 distinct-atom rows
+            idx = idx[rng.integers(0, 64, n * grid * grid)].ravel()
+            offs = pa.array(np.arange(n + 1, dtype=np.int64) * grid * grid * k)
+            t = pa.table({"sae_id": [sae] * n, "image_id": [f"b/{s + i:06d}" for i in range(n)],
+                          "dataset": ["b"] * n, "category": [f"c{(s + i) % 12}" for i in range(n)],
+                          "split": ["test"] * n, "label": pa.array(np.zeros(n, np.int8)),
+                          "grid_h": pa.array([grid] * n, pa.int16()), "grid_w": pa.array([grid] * n, pa.int16()),
+                          "k": pa.array([k] * n, pa.int32()),
+                          "indices": pa.LargeListArray.from_arrays(offs, pa.array(idx)),
+                          "values": pa.LargeListArray.from_arrays(offs, pa.array(rng.random(e).astype(np.float32)
+                                                                                 + np.float32(1e-3)))})
+            codes.commit(store, write_fragment(codes.lance_uri(store), schema.validate(t), schema))
     t0 = time.perf_counter()
-    ensure_atom_indexes(store)
+    built = codes.build_atoms(store, sae, top_n=64, C=C, index=False)
+    t_build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    codes.ensure_atom_indexes(store)
     t_index = time.perf_counter() - t0
     atoms = rng.integers(0, C, 30)
-    lat_cat = []
+    top_patches(store, sae, 0, 8)
+    lat_cat, lat_all = [], []
     for a in atoms:
         t0 = time.perf_counter()
         top_patches(store, sae, int(a), 8, category="c3")
         lat_cat.append(time.perf_counter() - t0)
-    lat_all = []
-    for a in atoms:
         t0 = time.perf_counter()
         top_patches(store, sae, int(a), 8)
         lat_all.append(time.perf_counter() - t0)
-    ds = store.table("atom_index").to_lance()
+    ds = store.table("atom_top").to_lance()
     scan = []
     for a in atoms[:5]:
         t0 = time.perf_counter()
-        ds.to_table(filter=f"sae_id = '{sae}' AND atom = {int(a)} AND category = 'c3'", use_scalar_index=False)
+        ds.to_table(filter=where(sae_id=sae, atom=int(a), scope="c3"), use_scalar_index=False)
         scan.append(time.perf_counter() - t0)
-    print(f"\n[query] atom_index with {store.count('atom_index'):,} rows (index build {t_index:.1f} s)")
-    print(f"  top-8 of an atom within a category (BTree): {1e3 * statistics.median(lat_cat):7.1f} ms median")
-    print(f"  top-8 of an atom (atom_top lookup)        : {1e3 * statistics.median(lat_all):7.1f} ms median")
-    print(f"  the same filter as a full scan            : {1e3 * statistics.median(scan):7.1f} ms median "
+    print(f"\n[query] atom tables of {n_img * grid * grid * k:,} activations: {store.count('atom_images'):,} "
+          f"atom_images + {store.count('atom_top'):,} atom_top rows (build {t_build:.1f} s"
+          f"{'' if built.rebuilt else ', reused'}, indexes {t_index:.1f} s)")
+    print(f"  top-8 of an atom within a category (atom_top): {1e3 * statistics.median(lat_cat):7.1f} ms median")
+    print(f"  top-8 of an atom (atom_top)                  : {1e3 * statistics.median(lat_all):7.1f} ms median")
+    print(f"  the category lookup as a full scan           : {1e3 * statistics.median(scan):7.1f} ms median "
           f"({statistics.median(scan) / statistics.median(lat_cat):.0f}x slower)")
 
 

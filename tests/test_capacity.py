@@ -38,9 +38,10 @@ def test_tokens_per_image_and_dataset(cap):
 def test_store_bytes_by_hand(cap):
     b = cap.store_bytes(1000, 1024, 32, C=4096)
     assert b["patch_tokens"] == pytest.approx(1000 * 1024 * 2 * 1.017)
-    assert b["sae_codes"] == 1000 * 32 * 8
-    assert b["atom_index_rows"] == 1000 * 32
-    assert b["atom_index"] == 1000 * 32 * 20
+    assert b["activations"] == 1000 * 32 == 32000
+    assert b["sae_codes"] == pytest.approx(1000 * 32 * 5.496)  # bench/atoms.py, bytes per activation
+    assert b["atoms"] == pytest.approx(1000 * 32 * 4.421)  # atom_images + atom_top, data + indexes
+    assert "atom_index" not in b
     assert b["sae_weights"] == (2 * 4096 * 1024 + 4096 + 1024) * 4
 
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "spg_dist"
 METHODS = ("spg_dist.sae", "spg_dist.guides", "spg_dist.detectors", "spg_dist.evaluation")
 TABLES = ("patch_tokens", "images", "errors", "sae_models", "sae_codes", "atom_index", "atom_top", "guides",
-          "eval_results", "detector_models", "corruptions", "sweep_trials")
+          "eval_results", "detector_models", "corruptions", "sweep_trials", "atom_images")
 
 
 PROBE = """

@@ -80,6 +80,9 @@ def extract_options(f):
         click.option("--address", default=None,
                      help="Ray cluster address (default: RAY_ADDRESS, as set by `ray job submit`, else a local Ray)."),
         click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)."),
+        click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+                     help="Images whose header claims more pixels are an errors row, never decoded (default: "
+                          "$SPG_MAX_IMAGE_PIXELS, else 64,000,000: MVTec AD and VisA images are at most ~1.5 M)."),
         click.option("--corruptions", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Also store the tokens of N CutPaste-corrupted copies of every normal train image, paired "
                           "with the clean ones (what FoundAD trains on); a re-run adds nothing."),
@@ -117,12 +120,46 @@ def backbones_cmd() -> None:
                    f"{'(untrained, for tests)' if c.untrained else c.source}")
 
 
-@main.command("store")
+@main.group("store", invoke_without_command=True)
 @click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store URI.")
-def store_cmd(store: str) -> None:
-    """Show the store's tables, row counts and schema versions."""
-    from spg_dist.store import Store, known_tables
+@click.pass_context
+def store_group(ctx: click.Context, store: str) -> None:
+    """Show the store's tables: rows, the schema version each was written with (and the one this code reads), and
+    each table's Lance version. `spg store check` looks deeper."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = store
+        return
+    from spg_dist.store.check import describe_tables
 
-    s = Store(store)
-    for name in known_tables():
-        click.echo(f"{name:14s} {s.count(name):>10d} rows" if s.has_table(name) else f"{name:14s}          -")
+    for t in describe_tables(store):
+        if t["rows"] is None:
+            click.echo(f"{t['table']:22s}          -")
+            continue
+        mark = "" if t["code_version"] in (None, t["schema_version"]) else f" (this code reads v{t['code_version']})"
+        click.echo(f"{t['table']:22s} {t['rows']:>10d} rows  schema v{t['schema_version']}{mark}  "
+                   f"lance v{t['lance_version']}")
+
+
+@store_group.command("check")
+@click.option("--store", "store_opt", default=None, help="Store URI (default: the group's --store).")
+@click.option("--repair", is_flag=True,
+              help="Fix what is safe to fix: remove duplicate rows, orphan files past the grace period, compact and "
+                   "clean old versions; say what cannot be fixed and which command can.")
+@click.option("--drop-damaged", is_flag=True,
+              help="With --repair: drop fragments whose data files are missing, truncated or unreadable (their rows "
+                   "are lost until the stage that wrote them runs again).")
+@click.option("--grace-seconds", type=float, default=3600.0, show_default=True,
+              help="Unreferenced files younger than this may belong to a running writer and are left alone.")
+@click.pass_context
+def store_check_cmd(ctx: click.Context, store_opt, repair, drop_damaged, grace_seconds) -> None:
+    """Per table: schema version, rows, unique keys against rows, orphan files, damaged data files (naming table and
+    file); across tables: tokens without images rows, codes without tokens, atom_top without codes. Exit 1 when
+    something is wrong (after --repair: when something could not be fixed)."""
+    from spg_dist.store.check import check
+
+    report = check(store_opt or ctx.obj or DEFAULT_STORE, repair=repair, drop_damaged=drop_damaged,
+                   grace_seconds=grace_seconds)
+    for line in report.lines():
+        click.echo(line)
+    if (report.not_repaired if repair else not report.ok):
+        raise SystemExit(1)

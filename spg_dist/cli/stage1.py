@@ -95,19 +95,26 @@ def train_sae_cmd(no_auxk: bool, split: str, dataset, **kwargs) -> None:
 @click.option("--sae", "sae_id", required=True, help="sae_id from sae_models (see `spg saes`).")
 @click.option("--dataset", multiple=True, callback=_str_list, help="Only these dataset names (default: all).")
 @click.option("--category", "categories", multiple=True, callback=_str_list, help="Only these categories.")
-@click.option("--top-n", type=int, default=64, show_default=True, help="Activations kept per atom in atom_top.")
+@click.option("--top-n", type=int, default=64, show_default=True,
+              help="Activations kept per atom in atom_top, over all categories and within each category.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per SAE call.")
 @click.option("--actors", "num_actors", type=int, default=1, show_default=True, help="SAE actors in the pool.")
+@click.option("--rebuild-atoms", is_flag=True,
+              help="Rebuild atom_images and atom_top from sae_codes even when they are current.")
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray).")
 @click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def encode_cmd(store, sae_id, dataset, categories, top_n, batch_size, num_actors, address, num_cpus, quiet) -> None:
-    """Encode stored tokens with a trained SAE into sae_codes, atom_index (BTree-indexed on atom) and atom_top.
-    Re-running encodes only what is missing."""
+def encode_cmd(store, sae_id, dataset, categories, top_n, batch_size, num_actors, rebuild_atoms, address, num_cpus,
+               quiet) -> None:
+    """Encode stored tokens with a trained SAE into sae_codes, then build atom_images (per atom, the images it
+    fires in) and atom_top (per atom its top-N patches overall and per category) from all of the SAE's codes.
+    Re-running encodes only what is missing and rebuilds the atom tables only when sae_codes changed (also after
+    an interrupted or concurrent encode)."""
     from spg_dist.ray.encode import encode
 
     res = encode(store, sae_id, dataset=dataset, categories=categories, top_n=top_n, batch_size=batch_size,
-                 num_actors=num_actors, address=address, num_cpus=num_cpus, progress=not quiet)
+                 num_actors=num_actors, rebuild_atoms=rebuild_atoms, address=address, num_cpus=num_cpus,
+                 progress=not quiet)
     click.echo(res.summary())
 
 
@@ -124,7 +131,8 @@ def saes_cmd(store) -> None:
 
 @main.group()
 def atoms() -> None:
-    """Query SAE atoms in the store: which patches fire an atom most, and how atoms spread over categories."""
+    """Query SAE atoms in the store: which patches fire an atom most (top), which images it fires in (firing), and
+    how atoms spread over categories (stats)."""
 
 
 @atoms.command("top")
@@ -132,12 +140,13 @@ def atoms() -> None:
 @click.option("--sae", "sae_id", required=True, help="sae_id (see `spg saes`).")
 @click.option("--atom", type=int, required=True, help="Atom (latent) index.")
 @click.option("-n", "n", type=int, default=8, show_default=True, help="How many patches.")
-@click.option("--category", default=None, help="Only patches of this category (an indexed atom_index query).")
+@click.option("--category", default=None, help="Only patches of this category (also one indexed atom_top lookup).")
 @click.option("--gallery", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG: each patch crop and the atom's activation map over the whole image.")
 @click.option("--verify", is_flag=True, help="Also compute the top-n by brute force from sae_codes and compare.")
 def atoms_top_cmd(store, sae_id, atom, n, category, gallery, verify) -> None:
-    """Top patches of an atom: image, row, col, value, category (one indexed lookup in atom_top)."""
+    """Top patches of an atom, over all categories or within one: image, row, col, value, category (one indexed
+    lookup in atom_top; n beyond atom_top's N reads atom_images and the few images that can hold the answer)."""
     import time
 
     from spg_dist.store import Store
@@ -164,6 +173,30 @@ def atoms_top_cmd(store, sae_id, atom, n, category, gallery, verify) -> None:
         click.echo(f"gallery: {atom_gallery_png(s, sae_id, atom, rows, gallery)}")
 
 
+@atoms.command("firing")
+@click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store URI.")
+@click.option("--sae", "sae_id", required=True, help="sae_id (see `spg saes`).")
+@click.option("--atom", type=int, required=True, help="Atom (latent) index.")
+@click.option("--category", default=None, help="Only images of this category.")
+@click.option("--show", type=int, default=20, show_default=True, help="Rows to print (strongest maximum first).")
+def atoms_images_cmd(store, sae_id, atom, category, show) -> None:
+    """Which images an atom fires in: per image the patches it fires on, their sum, the maximum and where
+    (one indexed lookup in atom_images)."""
+    import time
+
+    from spg_dist.store import Store
+    from spg_dist.store.atoms import images_firing
+
+    t0 = time.perf_counter()
+    rows = images_firing(Store(store), sae_id, atom, category)
+    ms = 1e3 * (time.perf_counter() - t0)
+    click.echo(f"{'image_id':48s} {'count':>6} {'sum':>9} {'max':>9} {'row':>4} {'col':>4}  label  category")
+    for r in rows.slice(0, show).to_pylist():
+        click.echo(f"{r['image_id']:48s} {r['count']:>6} {r['sum_value']:>9.4f} {r['max_value']:>9.4f} "
+                   f"{r['row']:>4} {r['col']:>4}  {r['label']:>5}  {r['category']}")
+    click.echo(f"({rows.num_rows} images, {sum(rows.column('count').to_pylist())} firings, in {ms:.1f} ms)")
+
+
 @atoms.command("stats")
 @click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store URI.")
 @click.option("--sae", "sae_id", required=True, help="sae_id (see `spg saes`).")
@@ -173,7 +206,7 @@ def atoms_top_cmd(store, sae_id, atom, n, category, gallery, verify) -> None:
 @click.option("--show", type=int, default=20, show_default=True, help="Rows to print (most frequent atoms).")
 def atoms_stats_cmd(store, sae_id, png, csv_path, show) -> None:
     """Per-atom firing frequency and the entropy of its activation mass across categories (0: one category,
-    1: spread evenly): category-general vs category-specific atoms."""
+    1: spread evenly): category-general vs category-specific atoms (sums over atom_images rows)."""
     from spg_dist.store import Store
     from spg_dist.store.atoms import atom_stats
 

@@ -10,6 +10,10 @@ Rules (kept few so that a user can predict them):
 - a mask matches an image by stem: ``<stem>_mask.*`` beside the image, or ``<stem>_mask.*``/``<stem>.*`` inside a
   mask folder anywhere under the root; when several mask-folder files share a stem, the one whose folders best
   match the image's folders wins, and a tie is left unmatched (``extra["ambiguous_masks"]``) rather than guessed.
+
+Every path comes from walking the root, so none leaves it by name; symlinked folders and files inside the tree are
+followed on purpose (datasets are often assembled from symlinks; see :mod:`spg_dist.data.records`). Entries that
+are not regular files (a FIFO or device named ``*.png``) are listed but refused when read, never opened.
 """
 
 from __future__ import annotations

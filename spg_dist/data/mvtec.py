@@ -4,10 +4,15 @@
 ``<root>/<cat>/ground_truth/<defect>/<stem>_mask.png``. An anomalous image without its mask is still listed
 (``mask_uri=""``, the expected path kept in ``extra["expected_mask"]``) so the pipeline records it as an error
 instead of silently scoring it without pixel ground truth.
+
+Every path comes from listing the root, so none can leave it by name; symlinks inside the tree are followed (see
+:mod:`spg_dist.data.records`). File names are data: a stem with glob characters (``*``, ``[``) matches only its
+own mask, never another image's.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 from typing import Iterator
@@ -32,7 +37,7 @@ def _find_mask(gt_dir: Path, stem: str) -> Path | None:
     if exact.is_file():
         return exact
     if gt_dir.is_dir():  # same stem, another raster extension (e.g. a re-encoded copy of the dataset)
-        for cand in sorted(gt_dir.glob(f"{stem}_mask.*")):
+        for cand in sorted(gt_dir.glob(f"{glob.escape(stem)}_mask.*")):
             if is_image_file(cand):
                 return cand
     return None

@@ -14,7 +14,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 from spg_dist.data.folder import read_folder
 from spg_dist.data.imageio import check_dataset_root
 from spg_dist.data.mvtec import read_mvtec
-from spg_dist.data.records import ANOMALOUS, DatasetError, ImageRecord
+from spg_dist.data.records import (ANOMALOUS, DatasetError, ImageRecord, outside_root_message, outside_root_path,
+                                   printable)
 from spg_dist.data.visa import read_visa, visa_csv_path
 
 Reader = Callable[[Path, str], Iterator[ImageRecord]]
@@ -89,8 +90,8 @@ def list_records(spec: str | DatasetSpec, categories: Sequence[str] | str | None
     seen: dict[str, str] = {}
     for r in records:
         if r.image_id in seen:
-            raise DatasetError(f"two images share the id {r.image_id!r} in {ds.root}: {seen[r.image_id]} and "
-                               f"{r.image_uri}; rename one of them")
+            raise DatasetError(f"two images share the id {r.image_id!r} in {ds.root}: {printable(seen[r.image_id])} "
+                               f"and {printable(r.image_uri)}; rename one of them (or remove the repeated row)")
         seen[r.image_id] = r.image_uri
     cats, spl = _as_list(categories), _as_list(splits)
     if cats is not None:
@@ -117,20 +118,27 @@ def record_problems(record: ImageRecord, check_files: bool = True) -> str | None
     """Why this record cannot be used as given (one line for an ``errors`` row), or None when it is fine.
 
     Listing never fails on a single bad image; this check lets the pipeline keep the rest and report the few.
+    A path that a dataset file placed outside the dataset root is reported first, and never looked up on disk
+    (so the answer does not depend on whether the outside file exists). File checks are existence only: sizes,
+    pixel limits and empty masks are checked when the pixels are read (``decode_batch``).
     """
+    for what, uri in (("image", record.image_uri), ("mask", record.mask_uri)):
+        raw = outside_root_path(uri)
+        if raw is not None:
+            return outside_root_message(what, raw)
     if record.label == ANOMALOUS and not record.mask_uri:
         expected = record.extra.get("expected_mask")
         if expected:
-            return f"anomalous image has no mask: expected {expected}"
-        return f"anomalous image has no mask: {record.image_uri}"
+            return f"anomalous image has no mask: expected {printable(str(expected))}"
+        return f"anomalous image has no mask: {printable(record.image_uri)}"
     if record.extra.get("ambiguous_masks"):
-        return (f"several masks match {record.image_uri} equally well: "
-                f"{', '.join(record.extra['ambiguous_masks'])}; rename or move them")
+        return (f"several masks match {printable(record.image_uri)} equally well: "
+                f"{printable(', '.join(record.extra['ambiguous_masks']))}; rename or move them")
     if check_files:
         if not os.path.isfile(record.image_uri):
-            return f"image file not found: {record.image_uri}"
+            return f"image file not found: {printable(record.image_uri)}"
         if record.mask_uri and not os.path.isfile(record.mask_uri):
-            return f"mask file not found: {record.mask_uri}"
+            return f"mask file not found: {printable(record.mask_uri)}"
     return None
 
 

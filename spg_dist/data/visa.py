@@ -2,17 +2,25 @@
 
 Columns ``object,split,label,image,mask``; paths relative to the root; ``label`` is ``normal``/``anomaly``;
 ``mask`` is empty for normal images. 1cls.csv does not name defect types, so anomalies get ``"anomaly"``.
+
+Every path of the CSV is confined to the root (:func:`~spg_dist.data.records.path_in_root`). A row whose image
+leaves it (``../../x.png``, ``/elsewhere/x.png``) is still listed, as ``<dataset>/outside-root/<digest>`` with the
+URI ``outside-root:<path as written>`` and ``extra["refused"]``: extraction records it as an ``errors`` row (stage
+``path``) and never opens the file. A mask that leaves the root gets the same URI and ``extra["refused_mask"]``;
+its image is still read and the mask becomes an ``errors`` row (stage ``mask``), like a missing mask.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterator
 
 from spg_dist.data.imageio import check_dataset_root
-from spg_dist.data.records import ANOMALOUS, NORMAL, DatasetError, ImageRecord
+from spg_dist.data.records import (ANOMALOUS, NORMAL, OUTSIDE_ROOT_DIR, DatasetError, ImageRecord,
+                                   outside_root_message, outside_root_uri, path_in_root, printable)
 
 VISA_CSV = Path("split_csv") / "1cls.csv"
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
@@ -30,32 +38,19 @@ def visa_csv_path(root: str | os.PathLike[str]) -> Path:
     return csv_p
 
 
-def _rel_id(root: Path, rel: str) -> tuple[str, Path]:
-    """(id path without extension, absolute path) for a CSV path; tolerant of Windows separators."""
-    rel = rel.strip().replace("\\", "/")
-    p = PurePosixPath(rel)
-    if p.is_absolute():
-        abs_p = Path(rel)
-        try:
-            p = PurePosixPath(abs_p.relative_to(root).as_posix())
-        except ValueError:
-            p = PurePosixPath(rel.lstrip("/"))
-        return p.with_suffix("").as_posix(), abs_p
-    return p.with_suffix("").as_posix(), root / p
-
-
 def read_visa(root: str | os.PathLike[str], dataset: str | None = None) -> Iterator[ImageRecord]:
     """Yield every row of ``split_csv/1cls.csv`` as a record, sorted by ``image_id``."""
     csv_p = visa_csv_path(root)
     root_p = csv_p.parent.parent
     name = dataset or root_p.name
+    real_root = os.path.realpath(root_p)  # once: absolute CSV paths may name the root through its real path
     records: list[ImageRecord] = []
     with open(csv_p, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [c for c in VISA_COLUMNS if c not in header]
         if missing:
-            found = ", ".join(header) or "none"
+            found = printable(", ".join(header)) or "none"
             raise DatasetError(f"{csv_p}: missing column(s) {', '.join(missing)} (found: {found}); "
                                f"expected header {','.join(VISA_COLUMNS)}")
         reader.fieldnames = header
@@ -73,11 +68,31 @@ def read_visa(root: str | os.PathLike[str], dataset: str | None = None) -> Itera
                                    f"fix the row")
             if not vals["image"] or not vals["object"]:
                 raise DatasetError(f"{csv_p}:{line}: empty object or image column; fix the row")
-            rel_id, img = _rel_id(root_p, vals["image"])
-            mask_uri = str(_rel_id(root_p, vals["mask"])[1]) if vals["mask"] and label == ANOMALOUS else ""
+            extra: dict = {"csv_line": line}
+            raw = vals["image"].replace("\\", "/")
+            rel = path_in_root(root_p, raw, real_root)
+            if rel is None:  # never opened, never stat'ed: listed so that the run reports it
+                digest = hashlib.sha1(raw.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+                image_id = f"{name}/{OUTSIDE_ROOT_DIR}/{digest}"  # stable across CSV edits, reveals nothing
+                image_uri = outside_root_uri(raw)
+                extra["refused"] = outside_root_message("image", raw)
+            elif rel.name in ("", ".", ".."):
+                raise DatasetError(f"{csv_p}:{line}: image path {vals['image']!r} names the dataset root, not an "
+                                   f"image file; fix the row")
+            else:
+                image_id, image_uri = f"{name}/{rel.with_suffix('').as_posix()}", str(root_p / rel)
+            mask_uri = ""
+            if vals["mask"] and label == ANOMALOUS:
+                raw_mask = vals["mask"].replace("\\", "/")
+                mrel = path_in_root(root_p, raw_mask, real_root)
+                if mrel is None:
+                    mask_uri = outside_root_uri(raw_mask)
+                    extra["refused_mask"] = outside_root_message("mask", raw_mask)
+                else:
+                    mask_uri = str(root_p / mrel)
             records.append(ImageRecord(
-                image_id=f"{name}/{rel_id}", dataset=name, category=vals["object"], split=split, label=label,
-                defect_type="good" if label == NORMAL else "anomaly", image_uri=str(img), mask_uri=mask_uri,
-                extra={"csv_line": line}))
+                image_id=image_id, dataset=name, category=vals["object"], split=split, label=label,
+                defect_type="good" if label == NORMAL else "anomaly", image_uri=image_uri, mask_uri=mask_uri,
+                extra=extra))
     records.sort(key=lambda r: r.image_id)
     yield from records

@@ -1,9 +1,14 @@
-"""``spg encode``: SAE codes for every stored token of a dataset, through a Ray Data actor pool.
+"""``spg encode``: SAE codes for every stored token of a dataset, through a Ray Data actor pool, then the atom
+tables derived from them.
 
-patch_tokens (read by Ray Data from the store) -> SAE actors (codes per image) -> writer tasks (a fragment of
-``sae_codes`` and of ``atom_index`` each, plus this batch's per-atom top-N candidates) -> driver (commits, and
-a running top-N per atom that becomes ``atom_top``). The top-N of a union is the top-N of the parts' top-Ns, so
-``atom_top`` is exact without a second pass, and a re-run merges with what is stored.
+patch_tokens (read by Ray Data from the store) -> SAE actors (codes per image) -> writer tasks (one uncommitted
+``sae_codes`` fragment each) -> driver: commits the fragments every ``commit_every_s`` (each (sae_id, image_id)
+stored once, also against a concurrent encode of the same SAE), then (re)builds ``atom_images`` and ``atom_top``
+from *all* of the SAE's sae_codes with :func:`spg_dist.store.codes.build_atoms`. The derived tables are a pure
+function of sae_codes, rebuilt and replaced atomically, never merged, so an encode killed between commits, or two
+encodes racing, cannot leave them short: the next run (even one with nothing left to encode) rebuilds them when
+their fingerprint differs from sae_codes'. Encoding is separate from training: a sweep that only trains never
+pays for it.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,14 +36,16 @@ class EncodeResult:
     sae_id: str
     images_encoded: int
     images_skipped: int
-    atom_rows: int
+    activations: int                      # firings (value > 0) in the codes this run committed
     seconds: float
     top_n: int
+    build: codes.BuildResult | None = None
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> str:
-        return (f"{self.sae_id}: {self.images_encoded} images encoded ({self.images_skipped} already stored), "
-                f"{self.atom_rows} atom_index rows, top-{self.top_n} per atom in atom_top, {self.seconds:.1f} s")
+        out = (f"{self.sae_id}: {self.images_encoded} images encoded ({self.images_skipped} already stored, "
+               f"{self.activations:,} activations), {self.seconds:.1f} s")
+        return out + (f"\n{self.build.summary()}" if self.build else "")
 
 
 class SAEEncodeActor:
@@ -55,7 +62,7 @@ class SAEEncodeActor:
         toks = tokens_from_arrow(batch)
         n, h, w, d = toks.shape
         with self.torch.no_grad():
-            x = self.torch.from_numpy(np.ascontiguousarray(toks)).to(self.device)  # whole images: per-image steps
+            x = self.torch.from_numpy(np.require(toks, requirements=["C", "W"])).to(self.device)  # whole images: per-image steps
             values, indices = self.sae.encode(x)
             values, indices = values.reshape(n * h * w, -1), indices.reshape(n * h * w, -1)
         k = indices.shape[1]
@@ -69,56 +76,22 @@ class SAEEncodeActor:
         return load_schema(codes.CODES).validate(pa.table(cols))
 
 
-def atom_rows(rows: pa.Table) -> pa.Table:
-    """``atom_index`` rows (non-zero activations) of ``sae_codes`` rows sharing one grid and k."""
-    n = rows.num_rows
-    k = int(rows.column("k")[0].as_py())
-    p = int(rows.column("grid_h")[0].as_py()) * int(rows.column("grid_w")[0].as_py())
-    idx = rows.column("indices").combine_chunks().flatten().to_numpy().reshape(n, p, k)
-    val = rows.column("values").combine_chunks().flatten().to_numpy().reshape(n, p, k)
-    img, patch, _ = np.nonzero(val > 0)
-    nz = val > 0
-    take = pa.array(img)
-    return pa.table({"sae_id": rows.column("sae_id").take(take), "atom": pa.array(idx[nz], pa.int32()),
-                     "image_id": rows.column("image_id").take(take), "category": rows.column("category").take(take),
-                     "split": rows.column("split").take(take), "label": rows.column("label").take(take),
-                     "patch": pa.array(patch, pa.int32()), "value": pa.array(val[nz], pa.float32())})
-
-
-def top_per_atom(atoms: np.ndarray, values: np.ndarray, n: int, image_ids: np.ndarray, patches: np.ndarray
-                 ) -> np.ndarray:
-    """Indices of the ``n`` largest values of each atom, grouped by atom, strongest first; ties broken by
-    (image_id, patch) as the query side does, so atom_top equals a brute-force top-n exactly."""
-    order = np.lexsort((patches, image_ids.astype(str), -values, atoms))
-    a = atoms[order]
-    starts = np.r_[0, np.flatnonzero(a[1:] != a[:-1]) + 1]
-    rank = np.arange(len(a)) - np.repeat(starts, np.diff(np.r_[starts, len(a)]))
-    return order[rank < n]
-
-
-def write_codes_batch(rows: pa.Table, codes_uri: str, index_uri: str, top_n: int,
-                      storage_options: dict | None = None) -> pa.Table:
-    """Write a fragment of sae_codes and of atom_index; return the batch's top-N candidates per atom."""
-    idx_rows = atom_rows(rows)
-    frags = {codes.CODES: write_fragment(codes_uri, rows, load_schema(codes.CODES), storage_options),
-             codes.INDEX: write_fragment(index_uri, idx_rows, load_schema(codes.INDEX), storage_options)}
-    keep = _top(idx_rows, top_n)
-    cand = idx_rows.take(pa.array(keep)).select(list(codes.TOP_SOURCE_COLUMNS))
-    info = json.dumps({"fragments": frags, "images": rows.num_rows, "atom_rows": idx_rows.num_rows})
-    return cand.append_column("info", pa.array([info] + [""] * (cand.num_rows - 1), pa.string()))
+def write_codes_batch(rows: pa.Table, codes_uri: str, storage_options: dict | None = None) -> pa.Table:
+    """Write one uncommitted sae_codes fragment; return its description (one row) for the driver to commit."""
+    frags = write_fragment(codes_uri, rows, load_schema(codes.CODES), storage_options)
+    fired = int((codes.flat_codes(rows)[1] > 0).sum()) if rows.num_rows else 0
+    return pa.table({"info": [json.dumps({"fragments": frags, "images": rows.num_rows, "activations": fired})]})
 
 
 def encode(store: str | Store, sae_id: str, *, dataset: Sequence[str] | None = None,
-           categories: Sequence[str] | None = None, top_n: int = 64, batch_size: int = 16, num_actors: int = 1,
-           use_gpu: bool | None = None, commit_every_s: float = 30.0, address: str | None = None,
-           num_cpus: int | None = None, progress: bool = True) -> EncodeResult:
-    """Encode every stored token (of the SAE's backbone/layer, optionally filtered) with SAE ``sae_id``."""
-    import lance_ray
-    import ray
-
-    from spg_dist.ray.runtime import cluster_gpus, ensure_ray
-    from spg_dist.store.atoms import ensure_atom_indexes
-
+           categories: Sequence[str] | None = None, top_n: int = codes.DEFAULT_TOP_N, batch_size: int = 16,
+           num_actors: int = 1, use_gpu: bool | None = None, commit_every_s: float = 30.0,
+           rebuild_atoms: bool = False, address: str | None = None, num_cpus: int | None = None,
+           progress: bool = True, hook: Callable[[str], None] | None = None) -> EncodeResult:
+    """Encode every stored token (of the SAE's backbone/layer, optionally filtered) with SAE ``sae_id`` that has
+    no sae_codes row yet, then bring atom_images / atom_top up to date with all of the SAE's sae_codes (top
+    ``top_n`` per atom and scope; ``rebuild_atoms`` rebuilds them even when current). ``hook("committed")``
+    runs after each sae_codes commit (fault injection in tests)."""
     t0 = time.perf_counter()
     store = store if isinstance(store, Store) else Store(store)
     row = sae_models.get(store, sae_id)
@@ -133,86 +106,63 @@ def encode(store: str | Store, sae_id: str, *, dataset: Sequence[str] | None = N
     all_ids = set(ids.column("image_id").to_pylist())
     done = codes.encoded_image_ids(store, sae_id) & all_ids
     todo = sorted(all_ids - done)
-    if todo:  # atom_index rows of images whose codes are missing (a crash between the two commits): drop them
-        codes.drop_atoms(store, sae_id, None if not done else todo)
     result = EncodeResult(sae_id, 0, len(done), 0, 0.0, top_n)
-    cand = pa.table({"atom": pa.array([], pa.int32()), "image_id": pa.array([], pa.string()),
-                     "category": pa.array([], pa.string()), "patch": pa.array([], pa.int32()),
-                     "value": pa.array([], pa.float32())})
     if todo:
-        ensure_ray(address, num_cpus)
-        gpu = (cluster_gpus() >= 1) if use_gpu is None else use_gpu
-        flt = sel.where() if not done else TokenSelection.of(sel.backbone, sel.layer, image_ids=todo).where()
-        ds = lance_ray.read_lance(tokens.lance_uri(store),
-                                  columns=[*META, "grid_h", "grid_w", "dim", "tokens"], filter=flt,
-                                  storage_options=store.storage_options)
-        ds = ds.map_batches(SAEEncodeActor, fn_constructor_kwargs=dict(weights=row["weights"], sae_id=sae_id,
-                                                                       device="cuda" if gpu else "cpu"),
-                            batch_size=batch_size, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=num_actors),
-                            **({"num_gpus": 1} if gpu else {"num_cpus": 1}))
-        uris = codes.lance_uris(store)
-        ds = ds.map_batches(write_codes_batch, fn_kwargs=dict(codes_uri=uris[codes.CODES],
-                                                              index_uri=uris[codes.INDEX], top_n=top_n,
-                                                              storage_options=store.storage_options),
-                            batch_size=batch_size * 4, batch_format="pyarrow", num_cpus=0.5)
-        pending: dict[str, list[str]] = {codes.CODES: [], codes.INDEX: []}
-        last = time.monotonic()
-
-        def commit() -> None:
-            nonlocal last
-            codes.commit(store, pending)  # atom_index first: see codes.commit
-            pending[codes.INDEX], pending[codes.CODES], last = [], [], time.monotonic()
-
-        bar = tqdm(total=len(todo), unit="img", desc=f"encode {sae_id}", disable=not progress)
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for info in batch.column("info").to_pylist():
-                    if info:
-                        meta = json.loads(info)
-                        for t, frags in meta["fragments"].items():
-                            pending[t].extend(frags)
-                        result.images_encoded += meta["images"]
-                        result.atom_rows += meta["atom_rows"]
-                        bar.update(meta["images"])
-                cand = _reduce(pa.concat_tables([cand, batch.drop_columns(["info"])]), top_n)
-                if time.monotonic() - last >= commit_every_s:
-                    commit()
-        finally:
-            commit()
-            bar.close()
-    _write_atom_top(store, sae_id, cand, top_n)
-    ensure_atom_indexes(store)
+        _encode_images(store, sae_id, row, sel, todo, bool(done), result, batch_size=batch_size,
+                       num_actors=num_actors, use_gpu=use_gpu, commit_every_s=commit_every_s, address=address,
+                       num_cpus=num_cpus, progress=progress, hook=hook)
+    result.build = codes.build_atoms(store, sae_id, top_n=top_n, force=rebuild_atoms, C=row.get("C"))
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _top(t: pa.Table, top_n: int) -> np.ndarray:
-    return top_per_atom(t.column("atom").to_numpy(), t.column("value").to_numpy(), top_n,
-                        np.asarray(t.column("image_id").to_pylist(), dtype=object), t.column("patch").to_numpy())
+def _encode_images(store: Store, sae_id: str, row: dict, sel: TokenSelection, todo: list[str], partial: bool,
+                   result: EncodeResult, *, batch_size: int, num_actors: int, use_gpu: bool | None,
+                   commit_every_s: float, address: str | None, num_cpus: int | None, progress: bool,
+                   hook: Callable[[str], None] | None) -> None:
+    import lance_ray
+    import ray
+
+    from spg_dist.ray.runtime import cluster_gpus, ensure_ray
+
+    ensure_ray(address, num_cpus)
+    gpu = (cluster_gpus() >= 1) if use_gpu is None else use_gpu
+    flt = sel.where() if not partial else TokenSelection.of(sel.backbone, sel.layer, image_ids=todo).where()
+    ds = lance_ray.read_lance(tokens.lance_uri(store), columns=[*META, "grid_h", "grid_w", "dim", "tokens"],
+                              filter=flt, storage_options=store.storage_options)
+    ds = ds.map_batches(SAEEncodeActor, fn_constructor_kwargs=dict(weights=row["weights"], sae_id=sae_id,
+                                                                   device="cuda" if gpu else "cpu"),
+                        batch_size=batch_size, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=num_actors),
+                        **({"num_gpus": 1} if gpu else {"num_cpus": 1}))
+    ds = ds.map_batches(write_codes_batch, fn_kwargs=dict(codes_uri=codes.lance_uri(store),
+                                                          storage_options=store.storage_options),
+                        batch_size=batch_size * 4, batch_format="pyarrow", num_cpus=0.5)
+    pending: list[str] = []
+    last = time.monotonic()
+
+    def commit() -> None:
+        nonlocal pending, last
+        if pending:
+            codes.commit(store, pending)
+            pending, last = [], time.monotonic()
+            if hook:
+                hook("committed")
+
+    bar = tqdm(total=len(todo), unit="img", desc=f"encode {sae_id}", disable=not progress)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for info in batch.column("info").to_pylist():
+                meta = json.loads(info)
+                pending.extend(meta["fragments"])
+                result.images_encoded += meta["images"]
+                result.activations += meta["activations"]
+                bar.update(meta["images"])
+            if time.monotonic() - last >= commit_every_s:
+                commit()
+        commit()
+    finally:
+        bar.close()
 
 
-def _reduce(cand: pa.Table, top_n: int) -> pa.Table:
-    return cand.take(pa.array(_top(cand, top_n)))
-
-
-def _write_atom_top(store: Store, sae_id: str, cand: pa.Table, top_n: int) -> None:
-    """Merge this run's candidates with the stored top-N (the stored top-N is all a re-run needs)."""
-    old = codes.read_top(store, sae_id)
-    allc = pa.concat_tables([old.cast(cand.schema), cand]) if old.num_rows else cand
-    if allc.num_rows == 0:
-        return
-    # an image re-encoded after a crash may sit in both: keep one entry per (atom, image, patch)
-    allc = pa.Table.from_pandas(allc.to_pandas().drop_duplicates(["atom", "image_id", "patch"]),
-                                schema=cand.schema, preserve_index=False)
-    top = allc.take(pa.array(_top(allc, top_n)))
-    atoms = top.column("atom").to_numpy()
-    starts = np.r_[0, np.flatnonzero(atoms[1:] != atoms[:-1]) + 1]
-    rank = np.arange(len(atoms)) - np.repeat(starts, np.diff(np.r_[starts, len(atoms)]))
-    grid_w = codes.grid_w(store, sae_id)
-    patch = top.column("patch").to_numpy()
-    codes.upsert_top(store, pa.table({
-        "sae_id": [sae_id] * top.num_rows, "atom": top.column("atom"), "rank": pa.array(rank, pa.int32()),
-        "image_id": top.column("image_id"), "category": top.column("category"), "patch": top.column("patch"),
-        "row": pa.array(patch // grid_w, pa.int16()), "col": pa.array(patch % grid_w, pa.int16()),
-        "value": top.column("value")}))
+__all__ = ["EncodeResult", "SAEEncodeActor", "encode", "write_codes_batch"]

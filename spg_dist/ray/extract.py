@@ -41,6 +41,8 @@ class ExtractResult:
     seconds: float = 0.0
     token_bytes: int = 0  # fp16 token bytes written
     write_seconds: float = 0.0  # summed over fragment writers (they run in parallel)
+    duplicates_removed: int = 0  # rows of keys stored twice (by an older version), removed before extracting
+    images_restored: int = 0  # images rows restored for tokens that had none
 
     @property
     def images_per_s(self) -> float:
@@ -66,8 +68,8 @@ def extract(store: str | Store, dataset: str, backbone: str, *, weights: str | N
             batch_size: int = 16, num_actors: int = 1, gpus_per_actor: float | None = None,
             cpus_per_actor: float = 1.0, rows_per_fragment: int | None = None, commit_every_s: float = 30.0,
             address: str | None = None, num_cpus: int | None = None, progress: bool = True,
-            corruptions: int = 0, token: str = "block", records: Sequence[ImageRecord] | None = None
-            ) -> ExtractResult:
+            corruptions: int = 0, token: str = "block", max_pixels: int | None = None,
+            records: Sequence[ImageRecord] | None = None) -> ExtractResult:
     """Extract patch tokens of ``dataset`` (``mvtec:PATH`` | ``visa:PATH`` | ``folder:PATH``) into ``store``.
 
     ``gpus_per_actor`` None means one GPU per actor when the cluster has GPUs, CPU actors otherwise.
@@ -75,6 +77,8 @@ def extract(store: str | Store, dataset: str, backbone: str, *, weights: str | N
     (``<image_id>#cutpaste<j>``, paired with the clean image by ``source_image_id``; masks in ``corruptions``).
     ``token``: ``block`` (each chosen block's output) or ``norm`` (after the model's final norm, what DINOv3's
     ``last_hidden_state`` and open_clip's ``ln_post`` give; stored as backbone id ``<name>+norm``).
+    ``max_pixels``: images whose header claims more pixels are an ``errors`` row, never decoded (default
+    ``$SPG_MAX_IMAGE_PIXELS`` or 64 M); passed to every worker, so a cluster needs no environment for it.
     """
     import ray
 
@@ -102,12 +106,19 @@ def extract(store: str | Store, dataset: str, backbone: str, *, weights: str | N
     layer_list = sorted(set(resolve_layers(layers, config.num_layers, backbone)))
 
     existing = tokens.stored_keys(store, bid, layer_list)
+    repaired = tokens.dedupe(store, bid, layer_list, expected=len(existing))  # duplicates an older version left
     have: dict[str, set[int]] = {}
     for _, layer, image_id in existing:
         have.setdefault(image_id, set()).add(int(layer))
     todo = [it for it in items_all if not have.get(it["image_id"], set()) >= set(layer_list)]
     partial = frozenset((it["image_id"], layer) for it in todo for layer in have.get(it["image_id"], ()))
-    result = ExtractResult(bid, layer_list, len(items_all), len(items_all) - len(todo), 0)
+    result = ExtractResult(bid, layer_list, len(items_all), len(items_all) - len(todo), 0, duplicates_removed=repaired)
+    # tokens whose images rows are missing (a crash between two commits of an older version): restore those rows
+    # from the records without re-extracting, so their masks never read as "all normal"
+    done_ids = [r.image_id for r in recs if r.image_id in have]
+    missing = sorted(set(done_ids) - images.stored_ids(store, done_ids)) if done_ids else []
+    if missing:
+        result.images_restored = images.upsert(store, [_image_row(r) for r in recs if r.image_id in set(missing)])
     if not todo:
         result.seconds = time.perf_counter() - t0
         return result
@@ -116,15 +127,24 @@ def extract(store: str | Store, dataset: str, backbone: str, *, weights: str | N
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if cluster_gpus() >= 1 else 0.0
     device = "cuda" if gpus_per_actor > 0 else "cpu"
+    task_cpus, cpus_per_actor = fit_cpus(num_actors, cpus_per_actor, gpus_per_actor > 0)
     lance_uri = tokens.lance_uri(store)
-    if rows_per_fragment is None:  # aim for ~64 MB fragments: few files, bounded writer memory
+    if rows_per_fragment is None:
+        # at most ~64 MB per fragment (bounded writer memory), and no more than a few backbone batches, so rows reach
+        # a commit window soon after they are encoded: --commit-every bounds what a crash loses even on a slow
+        # backbone (small fragments are merged by the compaction at the end of the run)
         row_bytes = config.grid[0] * config.grid[1] * config.dim * 2 * (size / config.image_size) ** 2
-        rows_per_fragment = int(max(batch_size, min(4096, 64e6 // max(row_bytes, 1))))
+        by_size = int(64e6 // max(row_bytes, 1))
+        by_time = batch_size * max(1, int(commit_every_s // 10))
+        rows_per_fragment = int(max(batch_size, min(4096, by_size, by_time)))
 
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // batch_size, 512)))
-    ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": size, "resample": config.preprocess.resample},
+    from spg_dist.data.imageio import resolve_max_pixels
+
+    ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": size, "resample": config.preprocess.resample,
+                                                 "max_pixels": resolve_max_pixels(max_pixels)},
                         batch_size=batch_size,
-                        batch_format="numpy", num_cpus=0.5)
+                        batch_format="numpy", num_cpus=task_cpus)
     actor_args = dict(backbone=backbone, weights=weights, layers=layer_list, image_size=size, backbone_id=bid, token=token,
                       device=device, torch_threads=None if device == "cuda" else max(1, int(cpus_per_actor)))
     resources = {"num_gpus": gpus_per_actor} if gpus_per_actor > 0 else {"num_cpus": cpus_per_actor}
@@ -132,7 +152,7 @@ def extract(store: str | Store, dataset: str, backbone: str, *, weights: str | N
                         compute=ray.data.ActorPoolStrategy(size=num_actors), **resources)
     ds = ds.map_batches(write_fragment_batch, fn_kwargs=dict(lance_uri=lance_uri, skip=partial,
                                                              storage_options=store.storage_options),
-                        batch_size=rows_per_fragment, batch_format="pyarrow", num_cpus=0.5)
+                        batch_size=rows_per_fragment, batch_format="pyarrow", num_cpus=task_cpus)
 
     pending: list[str] = []
     image_rows: dict[str, dict] = {}
@@ -142,14 +162,16 @@ def extract(store: str | Store, dataset: str, backbone: str, *, weights: str | N
     bar = tqdm(total=len(todo) * len(layer_list), unit="row", desc=f"extract {bid}", disable=not progress)
 
     def commit() -> None:
+        # images/corruptions/errors rows first, tokens last: a crash between the two leaves images rows without
+        # tokens (a re-run extracts them), never tokens without their images rows (masks would read as normal)
         nonlocal pending, last_commit
-        result.rows_written += tokens.commit(store, pending)
         if image_rows:
             images.upsert(store, list(image_rows.values()))
         if corruption_rows:
             images.upsert_corruptions(store, list(corruption_rows.values()))
         if errors:
             images.upsert_errors(store, list(errors.values()))
+        result.rows_written += tokens.commit(store, pending)
         result.errors.extend(errors.values())
         pending, last_commit = [], time.monotonic()
         image_rows.clear()
@@ -165,10 +187,37 @@ def extract(store: str | Store, dataset: str, backbone: str, *, weights: str | N
     finally:
         commit()  # on Ctrl-C or a failed task too: whatever was written so far is kept
         bar.close()
+    tokens.compact(store)  # the run's small fragments into few files (a concurrent writer only makes this a no-op)
     for e in result.errors:
         log.warning("%s: %s", e["stage"], e["reason"])
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def fit_cpus(num_actors: int, cpus_per_actor: float, gpu: bool) -> tuple[float, float]:
+    """(CPUs per decode/write task, CPUs per backbone actor) that fit the cluster: an actor pool that takes every
+    CPU leaves none for the decode and write tasks, and the pipeline would wait forever (one CPU, one actor)."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    task = 0.5 if total >= 2 else 0.25
+    if gpu:
+        return task, cpus_per_actor
+    room = max(0.25, (total - 2 * task) / max(1, num_actors))
+    if cpus_per_actor > room:
+        log.info("backbone actors get %.2f CPU each (of %.1f asked): the cluster has %.0f CPUs and decode/write "
+                 "tasks need some", room, cpus_per_actor, total)
+    return task, min(cpus_per_actor, room)
+
+
+def _image_row(r: ImageRecord) -> dict:
+    from spg_dist.data.imageio import ImageDecodeError, image_size
+
+    try:
+        width, height = image_size(r.image_uri)
+    except ImageDecodeError:
+        width, height = 0, 0
+    return {**{k: getattr(r, k) for k in RECORD_COLUMNS}, "width": width, "height": height}
 
 
 def corrupted_id(image_id: str, j: int) -> str:

@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from spg_dist.data.imageio import ImageDecodeError, image_size as read_image_size, load_image, load_mask
+from spg_dist.data.imageio import ImageDecodeError, check_mask, load_image_and_size, resolve_max_pixels
+from spg_dist.data.records import outside_root_message, outside_root_path, printable
 
 RECORD_COLUMNS = ("image_id", "dataset", "category", "split", "label", "defect_type", "image_uri", "mask_uri")
 # A corrupted copy of a normal image (FoundAD's pairs) is a record with its source and the index j of the copy.
@@ -34,24 +35,55 @@ def _png(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_batch(batch: dict[str, np.ndarray], image_size: int, resample: str = "bicubic") -> dict[str, np.ndarray]:
+def _one_line(what: str, uri: str, e: BaseException) -> str:
+    """A last-resort message for an exception no decoder anticipated (it must still be one ``errors`` line)."""
+    return f"cannot decode {what} {printable(uri)}: {type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, resample: str = "bicubic",
+                 max_pixels: int | None = None) -> dict[str, np.ndarray]:
     """Records -> resized uint8 pixels [n, S, S, 3] plus width/height; failures become error rows. A corrupted copy
     (``corruption`` j > 0) is its source image, resized, then CutPaste-corrupted with a seed fixed by (source, j),
-    so every run and every backbone sees the same pixels; its mask travels along as a PNG."""
+    so every run and every backbone sees the same pixels; its mask travels along as a PNG.
+
+    One file never fails the batch; each problem becomes one row of ``errors`` (one line of text naming the file):
+
+    - stage ``path``: the dataset file placed the image outside the dataset root (URI ``outside-root:...``); it is
+      never opened and the text is the same whether or not that file exists;
+    - stage ``decode`` (image skipped): missing, not a regular file, not a supported raster format, corrupt or
+      truncated, over the pixel limit (``max_pixels``; None: ``$SPG_MAX_IMAGE_PIXELS``, else
+      ``spg_dist.data.imageio.MAX_PIXELS`` = 64 MP, checked on the header before any pixel is decoded), a
+      decompression bomb, or any other exception while reading it;
+    - ``mask_error`` (the driver writes stage ``mask``; the image's tokens are kept): an anomalous image without a
+      mask, a mask that is missing, outside the root, unreadable or over the limit, a mask whose size is not its
+      image's (never stretched), or an all-zero mask on an image labelled anomalous. Such a mask is dropped: the
+      row's ``mask_uri`` becomes ``""``, exactly like a missing mask, so no later stage reads a mask known bad.
+
+    A ``max_pixels`` that is not a positive integer (or a bad ``$SPG_MAX_IMAGE_PIXELS``) fails the batch once, in
+    one line: it is a setting, not a bad file.
+    """
     from spg_dist.data.corruptions import corruption_seed, cutpaste
 
+    limit = resolve_max_pixels(max_pixels)
     n = len(batch["image_id"])
     pixels = np.zeros((n, image_size, image_size, 3), np.uint8)
     out: dict[str, Any] = {k: batch[k] for k in ITEM_COLUMNS}
     width, height = np.zeros(n, np.int32), np.zeros(n, np.int32)
     stage, error, mask_error, pngs = [""] * n, [""] * n, [""] * n, [b""] * n
+    mask_uris = [str(u) for u in batch["mask_uri"]]
     for i in range(n):
         uri = str(batch["image_uri"][i])
+        raw = outside_root_path(uri)
+        if raw is not None:  # refused by the reader: never opened, not even stat'ed
+            stage[i], error[i] = "path", outside_root_message("image", raw)
+            continue
         try:
-            width[i], height[i] = read_image_size(uri)  # header only: the decode below resizes
-            pixels[i] = load_image(uri, image_size, resample=resample)
+            pixels[i], (width[i], height[i]) = load_image_and_size(uri, image_size, resample, limit)
         except ImageDecodeError as e:
             stage[i], error[i] = "decode", str(e)
+            continue
+        except Exception as e:  # noqa: BLE001 - whatever one hostile file raises, the rest of the batch goes on
+            stage[i], error[i] = "decode", _one_line("image", uri, e)
             continue
         j = int(batch["corruption"][i])
         if j > 0:
@@ -59,17 +91,21 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, resample: str = 
             pixels[i], mask = cutpaste(pixels[i], rng)
             pngs[i] = _png(mask)
             continue
-        mask_uri, label = str(batch["mask_uri"][i]), int(batch["label"][i])
+        mask_uri, label = mask_uris[i], int(batch["label"][i])
         if label == 1 and not mask_uri:
             mask_error[i] = f"{uri}: anomalous image has no mask; add one or it cannot be used for pixel metrics"
         elif mask_uri:
             try:
-                load_mask(mask_uri, 8)
+                check_mask(mask_uri, (int(width[i]), int(height[i])), anomalous=label == 1, max_pixels=limit)
             except ImageDecodeError as e:
                 mask_error[i] = str(e)
+            except Exception as e:  # noqa: BLE001
+                mask_error[i] = _one_line("mask", mask_uri, e)
+            if mask_error[i]:
+                mask_uris[i] = ""
     out.update(pixels=pixels, width=width, height=height, error_stage=np.array(stage, dtype=object),
                error=np.array(error, dtype=object), mask_error=np.array(mask_error, dtype=object),
-               corruption_png=np.array(pngs, dtype=object))
+               corruption_png=np.array(pngs, dtype=object), mask_uri=np.array(mask_uris, dtype=object))
     return out
 
 

@@ -26,11 +26,28 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
         else:
             # "local": a fresh cluster even if another one runs here (ray.init() alone would join that one)
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **kwargs)
+            start_watchdog()
     if quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own tqdm bar counts images; Ray's per-operator bars are noise here
     ctx.execution_options.preserve_order = False
+
+
+def start_watchdog() -> int | None:
+    """Start :mod:`spg_dist.ray.watchdog` for the local runtime this process just started; returns its PID."""
+    import subprocess
+    import sys
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None:
+        return None
+    pids = [p.process.pid for procs in node.all_processes.values() for p in procs if p.process is not None]
+    if not pids:
+        return None
+    proc = subprocess.Popen([sys.executable, "-m", "spg_dist.ray.watchdog", str(os.getpid()), *map(str, pids)],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc.pid
 
 
 def cluster_gpus() -> float:

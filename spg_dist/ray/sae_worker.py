@@ -65,18 +65,32 @@ def checkpoint_ok(directory: str) -> str | None:
     try:
         meta = read_meta(directory)
         for name in [*meta["files"]["saes"], meta["files"]["state"]]:
-            path = os.path.join(directory, name)
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    return f"{name} is truncated"
-                size = int.from_bytes(head, "little")
-                f.seek(0, os.SEEK_END)
-                if f.tell() < 8 + size:
-                    return f"{name} is truncated"
+            why = _safetensors_whole(os.path.join(directory, name))
+            if why:
+                return f"{name} {why}"
         json.loads(open(os.path.join(directory, POSITION_FILE)).read())
     except (OSError, ValueError, KeyError) as e:
         return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _safetensors_whole(path: str) -> str | None:
+    """Why a safetensors file is not whole (shorter than its header says, or an unreadable header), else None; reads
+    only the header."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return "is truncated"
+        n = int.from_bytes(head, "little")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return "has an unreadable header"
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if size < 8 + n + max(ends, default=0):
+        return "is truncated"
     return None
 
 
@@ -281,7 +295,7 @@ def run_worker(config: dict, ctx: WorkerContext) -> None:
                     elapsed = max(time.perf_counter() - t0, 1e-9)
                     summary = {"step": step, "tokens": step * train_cfg.batch_tokens,
                                "tokens_per_s": (step - resumed_from) * train_cfg.batch_tokens / elapsed,
-                               "saes": last}
+                               "saes": last, "peak_rss_mb": peak_rss_mb()}
                     history.append(summary)
                     if rank == 0:
                         print(f"{LOG_PREFIX} step {step}/{total} " + " | ".join(
@@ -300,6 +314,14 @@ def run_worker(config: dict, ctx: WorkerContext) -> None:
                 json.dump({"message": str(e), "step": step}, f)
         return
     checkpoint({"step": step, "done": True}, final=True)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB): recorded in the training log so a streamed run can show that a
+    worker's memory stays bounded whatever the size of the token set."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _inject_fault_once(run_dir: str) -> None:

@@ -150,6 +150,7 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
     if engine == "local" and workers != 1:
         raise SAEConfigError("engine local trains in one process: use workers=1 (or engine ray-train for DDP)")
     check_run_name(run_name)
+    check_storage_path(storage_path)
     store = store if isinstance(store, Store) else Store(store)
     layer = tokens.resolve_layer(store, backbone, layer)
     flt = TokenSelection.of(backbone, layer, dataset=dataset or None, category=categories or None, split=split)
@@ -278,7 +279,8 @@ def register(store: Store, checkpoint, spec: SAERunSpec, run: str, run_dir: str,
                                "train": spec.train, "filter": spec.filter, "data_mode": spec.data_mode,
                                "workers": spec.workers, "epochs": spec.epochs, "token_budget": spec.token_budget,
                                "resumed_from_step": position.get("resumed_from", 0)}),
-            metrics=json.dumps({"final": final, "curve": [{"step": h["step"], **h["saes"][i]} for h in history]}),
+            metrics=json.dumps({"final": final, "curve": [{"step": h["step"], **h["saes"][i]} for h in history],
+                                "worker_peak_rss_mb": max((h.get("peak_rss_mb", 0.0) for h in history), default=0.0)}),
             nmse=float(final.get("nmse", float("nan"))), explained_variance=float(final.get("explained_variance", float("nan"))),
             l0=float(final.get("l0", float("nan"))), dead_fraction=float(tracker.dead_fraction(cfg.dead_tokens)),
             steps=int(position["step"]), tokens_seen=tokens_seen, weights=sae.to_bytes(),
@@ -327,7 +329,18 @@ def _memory_budget(use_gpu: bool) -> float:
 
 
 def _default_storage(store: Store) -> str:
-    return f"{store.uri.rstrip('/')}/_runs"
+    """``<store>/_runs`` for a local store; for an object store, checkpoints stay on local disk
+    (``$SPG_RUNS_DIR``, else ``~/.cache/spg/runs/<store>``): the run folder is handled with file calls."""
+    if "://" not in store.uri or store.uri.startswith("file://"):
+        return f"{store.uri.rstrip('/')}/_runs"
+    root = os.environ.get("SPG_RUNS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "spg", "runs")
+    return os.path.join(root, re.sub(r"[^A-Za-z0-9._-]+", "_", store.uri))
+
+
+def check_storage_path(storage_path: str | None) -> None:
+    if storage_path and "://" in storage_path and not storage_path.startswith("file://"):
+        raise SAEConfigError(f"--storage-path must be a folder (local, or a mount every node shares for multi-worker "
+                             f"ray-train), got {storage_path!r}; the store itself may be s3://")
 
 
 __all__ = ["SAERunSpec", "TrainSAEResult", "check_run_name", "train_saes"]

@@ -47,11 +47,17 @@ H200_TOPK_S_PER_TOKEN_LATENT = 1.1e-3 / (16384 * 8192)  # torch.topk over 16,384
 STORE_READ_BYTES_PER_S = 0.44e9
 LANCE_OVERHEAD = 0.017  # README, bench/extract.py: 153 kB stored per image for 150.5 kB of fp16 tokens
 
-CODE_ENTRY_BYTES = 4 + 4  # sae_codes: int32 atom index + float32 value per (token, slot)
-ATOM_ROW_BYTES = 20
-"""Stored bytes per atom_index row, an assumption (nothing measured yet): atom int32 (4) + patch int32 (4) + value
-float32 (4) + image_id as a dictionary index (4) + sae_id, category, split, label dictionary/run-length encoded
-(~1 each, 4). Plain (un-encoded) strings would add ~30 bytes of image_id alone."""
+CODES_BYTES_PER_ACTIVATION = 5.496
+"""Stored bytes of ``sae_codes`` per activation (token x k slot), measured by bench/atoms.py on 1.0e8 synthetic
+activations (C = 4096, k = 32, 784 patches/image, 6 categories), data + indexes (the table has no index, so data
+only). Lance's encodings bring it below the raw int32 index + float32 value (8 B)."""
+ATOMS_BYTES_PER_ACTIVATION = 4.421
+"""Stored bytes of the atom tables, ``atom_images`` (one row per (atom, image)) + ``atom_top`` (per atom top-N,
+overall and per category), per activation of the SAE's sae_codes, measured by bench/atoms.py on 1.0e8 synthetic
+activations (C = 4096, k = 32, 784 patches/image, 6 categories), data + scalar indexes (data alone 3.639). Scaled
+linearly in activations here; atom_images rows track (atom, image) pairs and atom_top rows atoms x scopes, so
+other C, k or patch counts move it somewhat. (The retired ``atom_index``, one row per activation, measured 10.634
+B per activation with its indexes.)"""
 
 SRC_MEASURED = "measured on H200 (GPU.md)"
 SRC_CPU = "measured on the 2-core CPU machine (README)"
@@ -91,12 +97,16 @@ def tokens_per_dataset(backbone: str, split: str = "all") -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------------------ store
 def store_bytes(tokens: int, d: int, k: int, C: int | None = None, *, overhead: float = LANCE_OVERHEAD,
-                atom_row_bytes: int = ATOM_ROW_BYTES) -> dict[str, float]:
+                codes_bytes: float = CODES_BYTES_PER_ACTIVATION,
+                atoms_bytes: float = ATOMS_BYTES_PER_ACTIVATION) -> dict[str, float]:
     """Stored bytes for ``tokens`` tokens of dimension ``d`` and one SAE of width ``C`` with ``k`` codes per token:
-    patch_tokens (fp16 + Lance overhead), sae_codes, atom_index (one row per activation, all k assumed live), and
-    the SAE's fp32 weights (W_enc, W_dec, b_enc, b_pre) when ``C`` is given. Codes and atoms do not depend on C."""
-    out = {"patch_tokens": tokens * d * 2 * (1 + overhead), "sae_codes": tokens * k * CODE_ENTRY_BYTES,
-           "atom_index_rows": tokens * k, "atom_index": tokens * k * atom_row_bytes}
+    patch_tokens (fp16 + Lance overhead), sae_codes and atoms (atom_images + atom_top), both at the bytes per
+    activation measured by bench/atoms.py (all k codes of a token counted live), activations (tokens x k), and the
+    SAE's fp32 weights (W_enc, W_dec, b_enc, b_pre) when ``C`` is given. Codes and atoms are modelled as not
+    depending on C (measured at C = 4096). Atoms exist only for SAEs a user encodes (`spg encode`)."""
+    activations = tokens * k
+    out = {"patch_tokens": tokens * d * 2 * (1 + overhead), "sae_codes": activations * codes_bytes,
+           "atoms": activations * atoms_bytes, "activations": activations}
     if C is not None:
         out["sae_weights"] = (2 * C * d + C + d) * 4
     return out

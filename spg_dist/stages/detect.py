@@ -200,7 +200,8 @@ def detect(store: Store | str, method: str, target: str, *, backbone: str | None
            allow_overlap: bool = False, report_dir: str | None = None, overlays: int = 0,
            taus: Sequence[float] | None = None, device: str = "cpu", workers: int = 1, address: str | None = None,
            num_cpus: int | None = None, echo: Echo = lambda _: None,
-           on_step: Callable[[dict[str, Any]], None] | None = None) -> EvalResult:
+           on_step: Callable[[dict[str, Any]], None] | None = None,
+           on_images: Callable[[int], None] | None = None) -> EvalResult:
     """Run detector ``method`` on the test split of ``target`` and write its ``eval_results`` rows."""
     store = store if isinstance(store, Store) else Store(store)
     params = dict(params or {})
@@ -237,7 +238,7 @@ def detect(store: Store | str, method: str, target: str, *, backbone: str | None
     result = evaluate_detector(store, det, source, run=run, resolution=resolution, report_dir=report_dir,
                                overlays=overlays, taus=taus, guide_id=ctx["guide_id"], sae_id=ctx["sae_id"],
                                shots=inputs.shots, aux=sorted({d for ds in ctx["seen"].values() for d in ds}),
-                               fit=stored_fit(store, det, ctx["backbone"] or "", layers, echo))
+                               fit=stored_fit(store, det, ctx["backbone"] or "", layers, echo), on_images=on_images)
     result.extra.update(guide_id=ctx["guide_id"], sae_id=ctx["sae_id"])
     if "note" in ctx:
         result.extra["note"] = ctx["note"]

@@ -108,13 +108,16 @@ def evaluate_detector(store: Store, detector: Detector, source: InputSource, *, 
                       fit: FitFn | None = None, batch_size: int = 64, report_dir: str | Path | None = None,
                       overlays: int = 8, taus: Sequence[float] | None = None, guide_id: str = "",
                       sae_id: str = "", shots: int = 0, aux: Sequence[str] | None = None, write: bool = True,
-                      on_category: Callable[[str], None] | None = None) -> EvalResult:
+                      on_category: Callable[[str], None] | None = None,
+                      on_images: Callable[[int], None] | None = None) -> EvalResult:
     """Evaluate ``detector`` on the test split of ``source.target`` (see the module docstring).
 
     ``fit(detector, data)`` fits (default ``detector.fit``; ``spg detect`` passes one that reuses stored weights);
     ``resolution`` is the side of the square maps and masks are compared at (default 4 x the token grid; ``input``:
     the extraction size; ``native``: each image and its full-resolution mask at their own size); ``aux``
-    the datasets the model was trained on, as recorded (default: what the detector reads now).
+    the datasets the model was trained on, as recorded (default: what the detector reads now). ``on_images(n)``
+    after every scored batch of n test images (progress bars). Maps and masks are held one category at a time
+    (all of them only for a report or a τ sweep), so memory follows the largest category, not the dataset.
     """
     t0 = time.perf_counter()
     inputs = detector.inputs()
@@ -165,6 +168,8 @@ def evaluate_detector(store: Store, detector: Detector, source: InputSource, *, 
                             for i, iid in enumerate(part.image_ids))
             else:
                 maps.append(detector.postprocess_maps(_maps(patch, size)))
+            if on_images:
+                on_images(len(part.image_ids))
         patch_scores = np.concatenate(scores)
         if native:
             amaps = maps
@@ -176,8 +181,21 @@ def evaluate_detector(store: Store, detector: Detector, source: InputSource, *, 
             image = detector.image_scores(amaps if detector.pool_on == "map" else patch_scores)
             masks = load_masks(test.image_ids, uris, size)
         labels = np.asarray(test.labels)
-        results[cat] = evaluate_category(labels, image, masks, amaps)
-        per[cat] = {"ids": test.image_ids, "labels": labels, "scores": image, "masks": masks, "maps": amaps}
+        # an anomalous image without a mask (its mask was missing or refused at extraction: an errors row) has no
+        # pixel ground truth: it counts for the image metrics, not for the pixel ones
+        has_truth = [not (lab == 1 and not uris.get(i, ("", ""))[1]) for i, lab in zip(test.image_ids, labels)]
+        if all(has_truth):
+            results[cat] = evaluate_category(labels, image, masks, amaps)
+        else:
+            keep = np.flatnonzero(has_truth)
+            pick = (lambda xs: [xs[i] for i in keep]) if native else (lambda xs: xs[keep])
+            results[cat] = {**evaluate_category(labels, image, masks, amaps),
+                            **{k: v for k, v in evaluate_category(labels[keep], image[keep], pick(masks),
+                                                                  pick(amaps)).items()
+                               if k in ("pixel_auroc", "aupro")}}
+        if report_dir is not None or taus:
+            per[cat] = {"ids": test.image_ids, "labels": labels, "scores": image, "masks": masks, "maps": amaps}
+        del masks, amaps, maps, scores
         if on_category:
             on_category(cat)
     results["mean"] = mean_over_categories(results)

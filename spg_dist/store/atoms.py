@@ -1,13 +1,21 @@
-"""Atom queries: which patches an SAE atom fires on, where in an image, and how it spreads over categories.
+"""Atom queries: which patches an SAE atom fires on, in which images, where in an image, and how it spreads over
+categories.
 
-Three tables answer them (see DESIGN.md): ``atom_top`` (top-N per atom, materialised at encode time) makes
-"the strongest patches of atom a" one indexed lookup however large the store grows; ``atom_index`` (one row
-per non-zero activation, BTree on ``atom``) answers filtered questions ("atom a within category c") and the
-per-atom statistics; ``sae_codes`` is the ground truth both are derived from, used for activation maps and
-for :func:`brute_force_top`, the reference the indexed paths are checked against (tests, ``--verify``).
+Three tables answer them (see :mod:`.codes` for how the two derived ones are built and kept exact):
 
-Top-patch order everywhere: value descending, then image_id, then patch ascending, so every path agrees even
-on ties. No Ray, no torch: this runs in the CLI process.
+* ``atom_top`` — per (SAE, scope, atom) the top-N activations, scope "" over every category or one category:
+  "the strongest patches of atom a [within category c]" is one indexed lookup (BTree on atom, Bitmap on sae_id
+  and scope) however large the store grows;
+* ``atom_images`` — per (SAE, atom, image) the atom fires in: count, sum, max and argmax patch. "Which images fire
+  atom a" is one indexed lookup, the per-atom statistics are sums over its rows, and a top-n for n larger than
+  atom_top's N reads only the images that can hold it;
+* ``sae_codes`` — the ground truth both are derived from, used for activation maps and for
+  :func:`brute_force_top`, the reference the indexed paths are checked against (tests, ``--verify``).
+
+Rows of a derived table built from another set of encoded images than sae_codes holds now (an encode running or
+interrupted) are refused with one clear error, never returned silently. Top-patch order everywhere: value
+descending, then image_id, then patch ascending, so every path agrees even on ties. No Ray, no torch: this runs
+in the CLI process.
 """
 
 from __future__ import annotations
@@ -18,22 +26,21 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from lancedb.index import Bitmap, BTree
 
-from spg_dist.store import sae_models
-from spg_dist.store.codes import CODES, INDEX, TOP
+from spg_dist.store import codes, sae_models
+from spg_dist.store.codes import ALL, CODES, IMAGES, TOP, ensure_atom_indexes
 from spg_dist.store.connection import Store, StoreError
 from spg_dist.store.filters import where
 
 TOP_COLUMNS = ("rank", "image_id", "category", "patch", "row", "col", "value")
+IMAGE_COLUMNS = ("image_id", "category", "split", "label", "count", "sum_value", "max_value", "max_patch", "row",
+                 "col")
 _ORDER = [("value", "descending"), ("image_id", "ascending"), ("patch", "ascending")]
-# (table, column) -> index kind. sae_id and category have few distinct values: Bitmap; atom has many: BTree.
-ATOM_INDEXES = {(INDEX, "atom"): BTree, (INDEX, "sae_id"): Bitmap,
-                (INDEX, "category"): Bitmap, (TOP, "atom"): BTree, (TOP, "sae_id"): Bitmap}
 
 
 class AtomQueryError(StoreError, LookupError):
-    """An atom query that cannot be answered (unknown SAE, atom out of range, unknown category); one line."""
+    """An atom query that cannot be answered (unknown SAE, atom out of range, unknown category, derived tables
+    missing or stale); one line."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,8 @@ class SaeInfo:
     layer: int | None
     categories: tuple[str, ...]           # sorted categories present in the encoded data
     patches_per_category: tuple[int, ...]  # encoded patches of each category (same order)
+    n_images: int = 0
+    fingerprint: int = 0                  # codes.fingerprint of the encoded image ids: what a fresh build carries
 
     @property
     def n_patches(self) -> int:
@@ -58,14 +67,14 @@ _INFO_CACHE: dict[tuple[str, str, int], SaeInfo] = {}
 
 
 def sae_info(store: Store, sae_id: str) -> SaeInfo:
-    """Grid, k, C and categories of an encoded SAE; cached per (store, sae, sae_codes version)."""
+    """Grid, k, C, categories and fingerprint of an encoded SAE; cached per (store, sae, sae_codes version)."""
     if not store.has_table(CODES):
         raise AtomQueryError(f"{store.uri} has no sae_codes table; run `spg encode` for SAE {sae_id!r} first")
-    ds = store.lance(CODES)
+    ds = store.db.open_table(CODES).to_lance()   # the latest version: the cache key
     key = (store.uri, sae_id, ds.version)
     if key in _INFO_CACHE:
         return _INFO_CACHE[key]
-    t = ds.to_table(columns=["category", "grid_h", "grid_w", "k"], filter=where(sae_id=sae_id))
+    t = ds.to_table(columns=["image_id", "category", "grid_h", "grid_w", "k"], filter=where(sae_id=sae_id))
     if t.num_rows == 0:
         known = sorted(set(ds.to_table(columns=["sae_id"]).column("sae_id").to_pylist()))
         raise AtomQueryError(f"no SAE codes for {sae_id!r} in {store.uri}; run `spg encode` for it first "
@@ -80,7 +89,8 @@ def sae_info(store: Store, sae_id: str) -> SaeInfo:
     model = store.read(sae_models.TABLE, where(sae_id=sae_id), ["C", "backbone", "layer"]).to_pylist()
     m = model[0] if model else {}
     info = SaeInfo(sae_id, int(gh), int(gw), int(k), m.get("C"), m.get("backbone"), m.get("layer"),
-                   tuple(per_cat.column("category").to_pylist()), tuple(per_cat.column("n_sum").to_pylist()))
+                   tuple(per_cat.column("category").to_pylist()), tuple(per_cat.column("n_sum").to_pylist()),
+                   len(set(t.column("image_id").to_pylist())), codes.fingerprint(t.column("image_id")))
     _INFO_CACHE[key] = info
     return info
 
@@ -94,28 +104,20 @@ def _check(info: SaeInfo, atom: int, category: str | None = None) -> None:
                              f"{', '.join(info.categories)}")
 
 
-def ensure_atom_indexes(store: Store, rebuild: bool = False) -> dict[str, list[str]]:
-    """Scalar indexes on atom_index / atom_top (BTree on atom, Bitmap on sae_id, category); idempotent.
-
-    Missing indexes are created; existing ones are brought up to date with rows appended since (cheap,
-    incremental) or rebuilt from scratch with ``rebuild``. Returns the indexed columns per table.
-    """
-    done: dict[str, list[str]] = {}
-    for table in sorted({t for t, _ in ATOM_INDEXES}):
-        tbl = store.table(table)
-        have = {cfg.columns[0]: cfg for cfg in tbl.list_indices()}
-        stale = False
-        for (t, col), kind in ATOM_INDEXES.items():
-            if t != table:
-                continue
-            if rebuild or col not in have:
-                tbl.create_index(col, config=kind(), replace=True)
-            else:
-                stale |= bool(getattr(have[col], "num_unindexed_rows", 0))
-            done.setdefault(table, []).append(col)
-        if stale:
-            tbl.to_lance().optimize.optimize_indices()
-    return done
+def _require_built(store: Store, info: SaeInfo, table: str, rows: pa.Table | None = None) -> None:
+    """Refuse a derived table that is missing for the SAE or was built from other encoded images than now."""
+    if rows is not None and rows.num_rows:
+        built = int(rows.column("built_from")[0].as_py())
+    else:
+        st = codes.stamp(store, table, info.sae_id)
+        if st is None:
+            raise AtomQueryError(f"{table} has no rows for SAE {info.sae_id!r}; run `spg encode --sae "
+                                 f"{info.sae_id}` (it builds atom_images and atom_top from sae_codes)")
+        built = st[0]
+    if built != info.fingerprint:
+        raise AtomQueryError(f"{table} of SAE {info.sae_id!r} is stale: it was built from another set of images "
+                             f"than the {info.n_images} images sae_codes holds now (an encode is running or was "
+                             f"interrupted); re-run `spg encode --sae {info.sae_id}` to rebuild it")
 
 
 def _finish(t: pa.Table, n: int, grid_w: int) -> pa.Table:
@@ -128,29 +130,80 @@ def _finish(t: pa.Table, n: int, grid_w: int) -> pa.Table:
                      "value": t.column("value").cast(pa.float32())})
 
 
-def top_patches(store: Store, sae_id: str, atom: int, n: int = 8, category: str | None = None) -> pa.Table:
-    """The n strongest patches of ``atom`` (columns TOP_COLUMNS, rank 0 = strongest).
+_EMPTY_HITS = pa.schema([("image_id", pa.string()), ("category", pa.string()), ("patch", pa.int32()),
+                         ("value", pa.float32())])
 
-    Without a category: one indexed lookup in atom_top; when atom_top holds fewer than n rows for the atom
-    (N < n at encode time, or not materialised) it falls back to atom_index. With a category: atom_index
-    filtered on (sae_id, atom, category), which the BTree on atom makes a lookup, not a scan.
+
+def _hits(store: Store, sae_id: str, atom: int, image_ids: list[str]) -> pa.Table:
+    """Every firing of ``atom`` in the given images, read from their sae_codes rows."""
+    parts = [_EMPTY_HITS.empty_table()]
+    for b in codes.iter_codes(store, sae_id, ["image_id", "category", "k"], image_ids=image_ids):
+        row, patch, a, value = codes.activations(b)
+        sel = a == atom
+        rows = pa.array(row[sel])
+        parts.append(pa.table({"image_id": b.column("image_id").take(rows), "category": b.column("category").take(rows),
+                               "patch": pa.array(patch[sel]), "value": pa.array(value[sel])}, schema=_EMPTY_HITS))
+    return pa.concat_tables(parts)
+
+
+def _top_beyond_n(store: Store, info: SaeInfo, atom: int, n: int, category: str | None) -> pa.Table:
+    """Exact top-n when n exceeds atom_top's N: atom_images says which images hold the atom and their maximum;
+    read the codes of the fewest images (by maximum) that hold n firings, whose n-th best value τ bounds the
+    answer from below, then of every other image whose maximum reaches τ. No other image can place a patch."""
+    imgs = codes.read_images(store, info.sae_id, atom, category, ["image_id", "count", "max_value"])
+    if imgs is None:
+        raise AtomQueryError(f"{store.uri} has no current atom_images table; run `spg encode --sae {info.sae_id}`")
+    _require_built(store, info, IMAGES)
+    imgs = imgs.sort_by([("max_value", "descending"), ("image_id", "ascending")])
+    ids = imgs.column("image_id").to_pylist()
+    m = int(np.searchsorted(np.cumsum(imgs.column("count").to_numpy()), n)) + 1
+    first = _hits(store, info.sae_id, atom, ids[:m])
+    vals = np.sort(first.column("value").to_numpy())[::-1]
+    tau = vals[n - 1] if len(vals) >= n else 0.0
+    more = [i for i, mx in zip(ids[m:], imgs.column("max_value").to_numpy()[m:]) if mx >= tau]
+    hits = pa.concat_tables([first, _hits(store, info.sae_id, atom, more)]) if more else first
+    return _finish(hits, n, info.grid_w)
+
+
+def top_patches(store: Store, sae_id: str, atom: int, n: int = 8, category: str | None = None) -> pa.Table:
+    """The n strongest patches of ``atom`` (columns TOP_COLUMNS, rank 0 = strongest), over every category or
+    within ``category``.
+
+    One indexed lookup in atom_top (scope "" or the category). When n exceeds the N atom_top was built with and
+    the atom fires more than N times in that scope, the exact answer comes from atom_images and the sae_codes rows
+    of the few images that can hold it.
     """
     info = sae_info(store, sae_id)
     _check(info, atom, category)
-    if category is None and store.has_table(TOP):
-        t = store.read(TOP, where(sae_id=sae_id, atom=int(atom)),
-                       ["rank", "image_id", "category", "patch", "value"])
-        if t.num_rows >= n:
-            return _finish(t.sort_by("rank").slice(0, n).drop_columns(["rank"]), n, info.grid_w)
-    t = store.read(INDEX, where(sae_id=sae_id, atom=int(atom), category=category),
-                   ["image_id", "category", "patch", "value"])
-    if t.num_rows == 0 and store.count(INDEX, where(sae_id=sae_id)) == 0:
-        raise AtomQueryError(f"atom_index has no rows for SAE {sae_id!r}; re-run `spg encode` for it")
-    return _finish(t, n, info.grid_w)
+    t = codes.read_top(store, sae_id, atom, ALL if category is None else category)
+    if t is None:
+        raise AtomQueryError(f"{store.uri} has no current atom_top table; run `spg encode --sae {sae_id}`")
+    _require_built(store, info, TOP, t)
+    if t.num_rows >= n or t.num_rows < (t.column("top_n")[0].as_py() if t.num_rows else 1):
+        return _finish(t.sort_by("rank").slice(0, n).select(["image_id", "category", "patch", "value"]), n,
+                       info.grid_w)
+    return _top_beyond_n(store, info, atom, n, category)
+
+
+def images_firing(store: Store, sae_id: str, atom: int, category: str | None = None) -> pa.Table:
+    """Every image ``atom`` fires in (within ``category``), strongest maximum first (then image_id): columns
+    IMAGE_COLUMNS (row/col of max_patch). One indexed lookup in atom_images."""
+    info = sae_info(store, sae_id)
+    _check(info, atom, category)
+    # built_from is checked by one probe, not read per row: Lance run-length encodes a constant column, which
+    # makes it slow to gather at thousands of scattered rows
+    t = codes.read_images(store, sae_id, atom, category, [c for c in IMAGE_COLUMNS if c not in ("row", "col")])
+    if t is None:
+        raise AtomQueryError(f"{store.uri} has no current atom_images table; run `spg encode --sae {sae_id}`")
+    _require_built(store, info, IMAGES)
+    t = t.sort_by([("max_value", "descending"), ("image_id", "ascending")])
+    mp = t.column("max_patch").to_numpy().astype(np.int32)
+    return t.append_column("row", pa.array(mp // info.grid_w)).append_column("col", pa.array(mp % info.grid_w))
 
 
 def _iter_codes(store: Store, sae_id: str, columns: list[str], extra: str | None = None, batch_size: int = 256):
-    """Stream sae_codes of one SAE as (batch, flat indices, flat values, row of each entry, entry within row)."""
+    """Stream sae_codes of one SAE as (batch, flat indices, flat values, row of each entry, entry within row).
+    Decoded here on purpose, not by :mod:`.codes`: the reference path shares no code with the build."""
     filt = where(extra, sae_id=sae_id)
     ds = store.lance(CODES)
     for b in ds.to_batches(columns=[*columns, "indices", "values"], filter=filt, batch_size=batch_size):
@@ -176,9 +229,7 @@ def brute_force_top(store: Store, sae_id: str, atom: int, n: int = 8, category: 
         rows = pa.array(row[hit])
         parts.append(pa.table({"image_id": b.column("image_id").take(rows), "category": b.column("category").take(rows),
                                "patch": pa.array((pos[hit] // k).astype(np.int32)), "value": pa.array(vals[hit])}))
-    empty = pa.table({"image_id": pa.array([], pa.string()), "category": pa.array([], pa.string()),
-                      "patch": pa.array([], pa.int32()), "value": pa.array([], pa.float32())})
-    return _finish(pa.concat_tables([empty, *parts]), n, info.grid_w)
+    return _finish(pa.concat_tables([_EMPTY_HITS.empty_table(), *parts]), n, info.grid_w)
 
 
 def activation_maps(store: Store, sae_id: str, image_ids: list[str], atom: int) -> dict[str, np.ndarray]:
@@ -214,7 +265,8 @@ def _add(acc: np.ndarray, key: np.ndarray, weights: np.ndarray | None, size: int
 
 
 def atom_stats(store: Store, sae_id: str, per_patch: bool = True, batch_size: int = 1 << 17) -> pd.DataFrame:
-    """Per-atom firing statistics streamed from atom_index (bounded memory, vectorised per batch).
+    """Per-atom firing statistics streamed from atom_images (bounded memory, vectorised per batch): a firing
+    count and mass per (atom, category) is the sum of the atom's per-image rows.
 
     Columns: atom, count (firings), frequency (count / encoded patches), mean_activation, n_categories (it
     fires in), category_entropy, top_category, top_share, anomalous_share (mass on images labelled
@@ -225,31 +277,29 @@ def atom_stats(store: Store, sae_id: str, per_patch: bool = True, batch_size: in
     atom firing uniformly everywhere scores 1 even when categories have different numbers of images.
     """
     info = sae_info(store, sae_id)
+    if not codes.readable(store, IMAGES):
+        raise AtomQueryError(f"{store.uri} has no current atom_images table; run `spg encode --sae {sae_id}`")
+    _require_built(store, info, IMAGES)
     cats = pa.array(info.categories, pa.string())
     ncat = len(cats)
     size = (info.C or 1) * ncat
-    counts, mass, anom = np.zeros(size, np.int64), np.zeros(size), np.zeros(size // ncat)
-    ds, seen = store.lance(INDEX), 0
-    for b in ds.to_batches(columns=["atom", "category", "label", "value"], filter=where(sae_id=sae_id),
-                           batch_size=batch_size):
+    counts, mass, anom = np.zeros(size), np.zeros(size), np.zeros(size // ncat)
+    for b in codes.iter_images(store, sae_id, ["atom", "category", "label", "count", "sum_value"], batch_size):
         if b.num_rows == 0:
             continue
-        seen += b.num_rows
         code = pc.index_in(b.column("category"), value_set=cats)
         if code.null_count:
-            raise AtomQueryError(f"atom_index of SAE {sae_id!r} has categories absent from sae_codes; "
-                                 "re-run `spg encode` for it")
+            raise AtomQueryError(f"atom_images of SAE {sae_id!r} has categories absent from sae_codes; "
+                                 f"re-run `spg encode --sae {sae_id} --rebuild-atoms`")
         atom = b.column("atom").to_numpy().astype(np.int64)
-        value = b.column("value").to_numpy().astype(np.float64)
+        value = b.column("sum_value").to_numpy().astype(np.float64)
         key = atom * ncat + code.to_numpy()
-        counts = _add(counts, key, None, size)
+        counts = _add(counts, key, b.column("count").to_numpy().astype(np.float64), size)
         mass = _add(mass, key, value, size)
         anom = _add(anom, atom, value * (b.column("label").to_numpy() == 1), size // ncat)
-    if not seen:
-        raise AtomQueryError(f"atom_index has no rows for SAE {sae_id!r}; re-run `spg encode` for it")
     C = max(-(-len(counts) // ncat), -(-len(mass) // ncat), len(anom))   # grown arrays need not end on a row
     counts, mass = np.pad(counts, (0, C * ncat - len(counts))), np.pad(mass, (0, C * ncat - len(mass)))
-    counts, mass, anom = counts.reshape(C, ncat), mass.reshape(C, ncat), np.pad(anom, (0, C - len(anom)))
+    counts, mass, anom = counts.reshape(C, ncat).astype(np.int64), mass.reshape(C, ncat), np.pad(anom, (0, C - len(anom)))
     total_count, total_mass = counts.sum(1), mass.sum(1)
     w = mass / np.maximum(np.asarray(info.patches_per_category, np.float64), 1) if per_patch else mass
     fired = total_count > 0
@@ -271,5 +321,5 @@ def atom_stats(store: Store, sae_id: str, per_patch: bool = True, batch_size: in
     return df
 
 
-__all__ = ["AtomQueryError", "SaeInfo", "TOP_COLUMNS", "ensure_atom_indexes", "sae_info", "top_patches",
-           "brute_force_top", "activation_maps", "atom_activation_map", "atom_stats"]
+__all__ = ["AtomQueryError", "IMAGE_COLUMNS", "SaeInfo", "TOP_COLUMNS", "activation_maps", "atom_activation_map",
+           "atom_stats", "brute_force_top", "ensure_atom_indexes", "images_firing", "sae_info", "top_patches"]

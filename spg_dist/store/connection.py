@@ -11,6 +11,7 @@ plain ``lancedb.connect(uri).open_table(name)``. Two write paths, both idempoten
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Iterable, Sequence
@@ -32,13 +33,35 @@ def _is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
+# S3 connection settings a user sets in the environment (the AWS SDK's names, which Lance also reads), per storage
+# option and its accepted spellings. Credentials are not among them: each process takes those from its own AWS chain.
+_S3_ENV = {("aws_endpoint", "aws_endpoint_url", "endpoint", "endpoint_url"):
+           ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"),
+           ("allow_http", "aws_allow_http"): ("AWS_ALLOW_HTTP",),
+           ("aws_region", "region", "aws_default_region"): ("AWS_REGION", "AWS_DEFAULT_REGION")}
+
+
+def with_s3_env(uri: str, storage_options: dict[str, str] | None) -> dict[str, str] | None:
+    """``storage_options`` plus the endpoint, ``allow_http`` and region set in the environment, for an ``s3://`` URI
+    (explicit options win): a Store pickled into Ray workers then talks to the driver's endpoint, whatever the
+    workers' environment says."""
+    opts = dict(storage_options or {})
+    if uri.startswith("s3://"):
+        given = {k.lower() for k in opts}
+        for keys, names in _S3_ENV.items():
+            value = next((os.environ[n] for n in names if os.environ.get(n)), None)
+            if value and not given & set(keys):
+                opts[keys[0]] = value
+    return opts or None
+
+
 class Store:
     """A handle on one store URI; cheap to create, safe to pickle into Ray tasks (it reconnects lazily)."""
 
     def __init__(self, uri: str | os.PathLike, storage_options: dict[str, str] | None = None):
         uri = os.fspath(uri)
         self.uri = os.path.abspath(uri) if _is_local(uri) else uri
-        self.storage_options = storage_options or None
+        self.storage_options = with_s3_env(self.uri, storage_options)
         self._db: Any = None
 
     def __getstate__(self) -> dict:
@@ -97,7 +120,21 @@ class Store:
             return load_schema(name).arrow.empty_table() if columns is None else \
                 load_schema(name).arrow.empty_table().select(list(columns))
         ds = self.db.open_table(name).to_lance()
-        return ds.to_table(columns=list(columns) if columns else None, filter=where)
+        with self.reading(name):
+            return ds.to_table(columns=list(columns) if columns else None, filter=where)
+
+    @contextlib.contextmanager
+    def reading(self, name: str):
+        """A damaged table (a truncated or missing data file) fails in one line naming the table, the file where
+        Lance says it, and the command that looks deeper, instead of a page of Rust traceback."""
+        try:
+            yield
+        except (OSError, ValueError, RuntimeError) as e:
+            if isinstance(e, SpgError):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StoreError(f"table {name} of {self.uri} cannot be read ({first[:300]}); run `spg store check "
+                             f"--store {self.uri}` to find the damaged file") from None
 
     def keys(self, name: str, where: str | None = None) -> set[tuple]:
         """The set of key tuples present in ``name`` (optionally filtered)."""
@@ -107,29 +144,45 @@ class Store:
         return set(zip(*cols))
 
     def upsert(self, name: str, data: pa.Table | Iterable[dict[str, Any]]) -> int:
-        """Validate and merge ``data`` into ``name`` on its key; a repeated upsert adds nothing.
+        """Validate and merge ``data`` into ``name`` on its key; a repeated upsert adds nothing, and concurrent
+        upserts of the same keys keep each key once (:mod:`spg_dist.store.commits`).
 
         Returns the number of rows given (after de-duplicating keys within the batch, last one wins).
         """
+        from spg_dist.store import commits
+
         schema = load_schema(name)
         table = data if isinstance(data, pa.Table) else pa.Table.from_pylist(list(data))
         if table.num_rows == 0:
             return 0
         table = dedupe_keys(schema.validate(table), schema)
-        (self.table(name).merge_insert(list(schema.key))
-         .when_matched_update_all().when_not_matched_insert_all().execute(table))
+        commits.upsert(self.lance_uri(name), table, list(schema.key), self.storage_options)
         return table.num_rows
 
+    def dedupe(self, name: str, where: str | None = None) -> int:
+        """Delete every row whose key occurs more than once but the first (in one commit); returns rows removed."""
+        from spg_dist.store import commits
+
+        if not self.has_table(name):
+            return 0
+        ds = self.lance(name)
+        dup = commits.duplicate_rows(ds, list(load_schema(name).key), where)
+        if dup.num_rows == 0:
+            return 0
+        return commits.delete_rows(ds.uri, dup.column("_rowaddr").to_pylist(), self.storage_options)
+
     def commit_fragments(self, name: str, fragments: Sequence[str]) -> int:
-        """Commit fragments written by :func:`write_fragment` as one atomic ``Append``; returns rows added."""
+        """Commit fragments written by :func:`write_fragment` in one commit that stores every key once, even when
+        another writer committed some of the same keys meanwhile (those rows are dropped); returns rows added."""
+        from spg_dist.store import commits
+
         metas = [lance.FragmentMetadata.from_json(f) for f in fragments if f]
         if not metas:
             return 0
-        ds = self.table(name).to_lance()
-        # Appends never conflict, so committing against the latest version is safe with concurrent writers.
-        lance.LanceDataset.commit(ds.uri, lance.LanceOperation.Append(metas), read_version=ds.version,
-                                  storage_options=self.storage_options)
-        return sum(m.num_rows for m in metas)
+        schema = load_schema(name)
+        probe = "image_id" if "image_id" in schema.key else schema.key[0]
+        return commits.commit_append(self.lance_uri(name), metas, list(schema.key), probe, self.storage_options,
+                                     schema.arrow)
 
 
 def dedupe_keys(table: pa.Table, schema: TableSchema) -> pa.Table:

@@ -203,6 +203,15 @@ def stored_keys(store: Store, backbone: str, layers: Sequence[int]) -> set[tuple
     return store.keys(TABLE, where=where(backbone=backbone, layer=[int(x) for x in layers]))
 
 
+def dedupe(store: Store, backbone: str, layers: Sequence[int], expected: int) -> int:
+    """Remove rows of keys stored more than once (an older version, or a writer outside the commit protocol);
+    ``expected`` is the number of distinct keys already read, so the usual case costs one count."""
+    filt = where(backbone=backbone, layer=[int(x) for x in layers])
+    if not store.has_table(TABLE) or store.count(TABLE, filt) <= expected:
+        return 0
+    return store.dedupe(TABLE, filt)
+
+
 def iter_tokens(store: Store, backbone: str | TokenSelection, layer: int | None = None, *,
                 dataset: str | Sequence[str] | None = None, category: str | Sequence[str] | None = None,
                 split: str | None = None, label: int | None = None, image_ids: Sequence[str] | None = None,
@@ -214,8 +223,13 @@ def iter_tokens(store: Store, backbone: str | TokenSelection, layer: int | None 
     if not store.has_table(TABLE):
         return
     ds = store.lance(TABLE)
-    for batch in ds.to_batches(columns=list(dict.fromkeys([*columns, "grid_h", "grid_w", "dim", "tokens"])),
-                               filter=sel.where(), batch_size=batch_size):
+    batches = ds.to_batches(columns=list(dict.fromkeys([*columns, "grid_h", "grid_w", "dim", "tokens"])),
+                            filter=sel.where(), batch_size=batch_size)
+    while True:
+        with store.reading(TABLE):
+            batch = next(batches, None)
+        if batch is None:
+            return
         if batch.num_rows:
             tbl = pa.Table.from_batches([batch])
             yield tbl.drop_columns(["tokens"]), tokens_from_arrow(tbl)
@@ -242,11 +256,25 @@ def lance_uri(store: Store) -> str:
     return store.lance_uri(TABLE)
 
 
+def compact(store: Store) -> bool:
+    """Merge small fragments into larger files (Lance ``compact_files``); a conflict with a concurrent writer is not
+    an error (the next run compacts). Returns whether it ran."""
+    from lance.commit import CommitConflictError
+
+    if not store.has_table(TABLE):
+        return False
+    try:
+        store.lance(TABLE).optimize.compact_files(target_rows_per_fragment=4096)
+        return True
+    except (CommitConflictError, OSError):
+        return False
+
+
 def commit(store: Store, fragments: Sequence[str]) -> int:
     """Commit fragments written by :func:`spg_dist.store.write_fragment` for this table; returns rows added."""
     return store.commit_fragments(TABLE, fragments)
 
 
-__all__ = ["META_COLUMNS", "TABLE", "TOKEN_CHOICES", "TokenSelection", "commit", "corrupted_metadata", "describe_inventory", "flat_values", "grid_of",
+__all__ = ["META_COLUMNS", "TABLE", "TOKEN_CHOICES", "TokenSelection", "commit", "compact", "corrupted_metadata", "describe_inventory", "flat_values", "grid_of",
            "inventory", "iter_tokens", "lance_uri", "load_tokens", "metadata", "require", "resolve_layer", "scan",
            "stored_keys", "stored_layers", "tokens_from_arrow", "tokens_to_arrow"]
