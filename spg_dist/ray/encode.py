@@ -87,11 +87,12 @@ def encode(store: str | Store, sae_id: str, *, dataset: Sequence[str] | None = N
            categories: Sequence[str] | None = None, top_n: int = codes.DEFAULT_TOP_N, batch_size: int = 16,
            num_actors: int = 1, use_gpu: bool | None = None, commit_every_s: float = 30.0,
            rebuild_atoms: bool = False, address: str | None = None, num_cpus: int | None = None,
-           progress: bool = True, hook: Callable[[str], None] | None = None) -> EncodeResult:
+           progress: bool = True, hook: Callable[[str], None] | None = None,
+           on_images: Callable[[int], None] | None = None) -> EncodeResult:
     """Encode every stored token (of the SAE's backbone/layer, optionally filtered) with SAE ``sae_id`` that has
     no sae_codes row yet, then bring atom_images / atom_top up to date with all of the SAE's sae_codes (top
     ``top_n`` per atom and scope; ``rebuild_atoms`` rebuilds them even when current). ``hook("committed")``
-    runs after each sae_codes commit (fault injection in tests)."""
+    runs after each sae_codes commit (fault injection in tests); ``on_images(n)`` after every n images encoded."""
     t0 = time.perf_counter()
     store = store if isinstance(store, Store) else Store(store)
     row = sae_models.get(store, sae_id)
@@ -110,7 +111,7 @@ def encode(store: str | Store, sae_id: str, *, dataset: Sequence[str] | None = N
     if todo:
         _encode_images(store, sae_id, row, sel, todo, bool(done), result, batch_size=batch_size,
                        num_actors=num_actors, use_gpu=use_gpu, commit_every_s=commit_every_s, address=address,
-                       num_cpus=num_cpus, progress=progress, hook=hook)
+                       num_cpus=num_cpus, progress=progress, hook=hook, on_images=on_images)
     result.build = codes.build_atoms(store, sae_id, top_n=top_n, force=rebuild_atoms, C=row.get("C"))
     result.seconds = time.perf_counter() - t0
     return result
@@ -119,7 +120,7 @@ def encode(store: str | Store, sae_id: str, *, dataset: Sequence[str] | None = N
 def _encode_images(store: Store, sae_id: str, row: dict, sel: TokenSelection, todo: list[str], partial: bool,
                    result: EncodeResult, *, batch_size: int, num_actors: int, use_gpu: bool | None,
                    commit_every_s: float, address: str | None, num_cpus: int | None, progress: bool,
-                   hook: Callable[[str], None] | None) -> None:
+                   hook: Callable[[str], None] | None, on_images: Callable[[int], None] | None = None) -> None:
     import lance_ray
     import ray
 
@@ -158,6 +159,8 @@ def _encode_images(store: Store, sae_id: str, row: dict, sel: TokenSelection, to
                 result.images_encoded += meta["images"]
                 result.activations += meta["activations"]
                 bar.update(meta["images"])
+                if on_images:
+                    on_images(meta["images"])
             if time.monotonic() - last >= commit_every_s:
                 commit()
         commit()

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pyarrow as pa
 from tqdm.auto import tqdm
@@ -69,7 +69,8 @@ def extract(store: str | Store, dataset: str, backbone: str, *, weights: str | N
             cpus_per_actor: float = 1.0, rows_per_fragment: int | None = None, commit_every_s: float = 30.0,
             address: str | None = None, num_cpus: int | None = None, progress: bool = True,
             corruptions: int = 0, token: str = "block", max_pixels: int | None = None,
-            records: Sequence[ImageRecord] | None = None) -> ExtractResult:
+            records: Sequence[ImageRecord] | None = None,
+            on_rows: Callable[[int], None] | None = None) -> ExtractResult:
     """Extract patch tokens of ``dataset`` (``mvtec:PATH`` | ``visa:PATH`` | ``folder:PATH``) into ``store``.
 
     ``gpus_per_actor`` None means one GPU per actor when the cluster has GPUs, CPU actors otherwise.
@@ -79,6 +80,7 @@ def extract(store: str | Store, dataset: str, backbone: str, *, weights: str | N
     ``last_hidden_state`` and open_clip's ``ln_post`` give; stored as backbone id ``<name>+norm``).
     ``max_pixels``: images whose header claims more pixels are an ``errors`` row, never decoded (default
     ``$SPG_MAX_IMAGE_PIXELS`` or 64 M); passed to every worker, so a cluster needs no environment for it.
+    ``on_rows(n)`` after every n (image, layer) rows the pipeline delivered (progress, benchmarks).
     """
     import ray
 
@@ -182,6 +184,8 @@ def extract(store: str | Store, dataset: str, backbone: str, *, weights: str | N
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             _collect(batch, bid, size, pending, image_rows, corruption_rows, errors, result)
             bar.update(batch.num_rows)
+            if on_rows:
+                on_rows(batch.num_rows)
             if time.monotonic() - last_commit >= commit_every_s:
                 commit()
     finally:
