@@ -1,12 +1,12 @@
 """Capacity planner for the SPG paper grid: tokens, store bytes, SAE FLOPs, GPU-hours, and what `spg sweep`'s
 shared work saves against running every trial alone. Pure arithmetic (nothing is run, no GPU needed); every
-time figure names its source, "measured on H200 (GPU.md)" or "from FLOPs at X % of peak", and every table prints
+time figure names its source, "measured on one H200" or "from FLOPs at X % of peak", and every table prints
 a ratio against a baseline computed in the same run.
 
     python bench/capacity.py                                      # DINOv3 ViT-L/16 @448, both directions, 1 and 8 GPUs
     python bench/capacity.py --backbone all --seeds 3 --gpus 1,8,32
     python bench/capacity.py --guide-settings 9 --aux-split train --encode aux
-    python bench/capacity.py --extract-efficiency 0.24            # the naive Ray pipeline with its write (GPU.md)
+    python bench/capacity.py --extract-efficiency 0.24            # the naive Ray pipeline with its write (H200 reference figures, bench/gpu_check.py)
     python bench/capacity.py --json                               # everything as one JSON document
 
 Model (the assumptions are also printed under each table):
@@ -18,7 +18,7 @@ Model (the assumptions are also printed under each table):
   SAE FLOPs   our sparse kernels (spg_dist/sae/kernels.py), see `sae_flops`.
   SAE time    a + b*C seconds per token per SAE, fitted to the dense TopK step measured on the H200 (k-independent,
               no AuxK); AuxK on top from the measured top-k time and its FLOPs.
-  extraction  measured bare bf16 forward rate on the H200 where GPU.md has one, ViT FLOPs at the fraction of peak
+  extraction  measured bare bf16 forward rate on the H200 where the reference has one, ViT FLOPs at the fraction of peak
               otherwise.
   sweep       alone: every trial (backbone, direction, C, k, seed, guide setting) extracts both datasets, loads its
               tokens, trains its SAE and its guides. shared: extraction once per (backbone, layer, dataset), one
@@ -49,7 +49,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"assumptions": {
         "peak_flops": costs.peak_flops, "fraction_of_peak": frac,
         "fraction_source": ("--mfu" if args.mfu is not None else
-                            "median of the fractions implied by the measured bare forwards (GPU.md)"),
+                            "median of the fractions implied by the measured bare forwards (H200 reference figures, bench/gpu_check.py)"),
         "measured_fractions": {b: measured_mfu(b) for b in H200_FORWARD_IMAGES_PER_S},
         "step_model_a_s_per_token": costs.step_model[0], "step_model_b_s_per_token_latent": costs.step_model[1],
         "atoms_bytes_per_activation": ATOMS_BYTES_PER_ACTIVATION,
@@ -147,7 +147,7 @@ def print_tables(r: dict[str, Any], args: argparse.Namespace) -> None:
           f"VisA {vi['images']:,} = {vi['normal']:,} normal + {vi['anomalous']:,} anomalous, 1cls split "
           f"{vi['train']:,} train + {vi['test']:,} test ({vi['source']})")
     print(f"  check: ({mv['images']:,} + {vi['images']:,}) x 784 = {(mv['images'] + vi['images']) * 784:,} "
-          f"tokens = {t3['total'] / 1e6:.2f} M (DESIGN.md's 'about 12.6 M' is this truncated; "
+          f"tokens = {t3['total'] / 1e6:.2f} M ('about 12.6 M' is this truncated; "
           f"{t3['total'] * 1024 * 2 / 1e9:.1f} GB fp16)")
     if args.aux_split != "all":
         print(f"  aux split '{args.aux_split}': " + ", ".join(
@@ -220,7 +220,7 @@ def print_tables(r: dict[str, Any], args: argparse.Namespace) -> None:
     for bb, e in r["extraction"].items():
         print(f"  {bb:21s} {e['gflops_per_image']:>9.0f} {e['images_per_s']:>10.0f} {e['flops_images_per_s']:>11.0f} "
               f"{e['flops_images_per_s'] / e['images_per_s']:>9.2f}x {e['both_datasets_s']:>9.1f}  {e['source']}")
-    print(f"  (GPU.md: the naive Ray pipeline with its store write ran at {H200_PIPELINE_IMAGES_PER_S:.0f} img/s, "
+    print(f"  (H200 reference: the naive Ray pipeline with its store write ran at {H200_PIPELINE_IMAGES_PER_S:.0f} img/s, "
           f"{H200_PIPELINE_IMAGES_PER_S / 400:.2f}x bare: --extract-efficiency 0.24 plans with that)")
 
     # 5. sweep
@@ -277,7 +277,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--mfu", type=float, default=None,
                     help="fraction of peak for FLOPs-based figures (default: implied by the measured forwards)")
     ap.add_argument("--extract-efficiency", type=float, default=1.0,
-                    help="extraction pipeline rate / bare forward (GPU.md's naive pipeline with write: 0.24)")
+                    help="extraction pipeline rate / bare forward (the H200 reference's naive pipeline with write: 0.24)")
     ap.add_argument("--read-gbps", type=float, default=STORE_READ_BYTES_PER_S / 1e9,
                     help="store -> GPU token load rate of a data pass, GB/s")
     ap.add_argument("--dead-fraction", type=float, default=0.1)

@@ -16,9 +16,9 @@ times out still reports what it measured):
              checkpoint is complete and the device's default kernels (atomics) are what differ; it passes then,
              with a note.
 
-Every figure is printed beside the figure in ../shared/GPU.md (when GPU.md has one) with their ratio.
+Every figure is printed beside the figure of the reference H200 run (H200_REFERENCE below, when it has one) with their ratio.
 
-On the GPU machine lancedb is not installed (GPU.md: Ray and Lance come as packed wheels, lancedb does not).
+On the GPU machine lancedb is not installed (Ray and Lance come as packed wheels, lancedb does not).
 The store's code uses lancedb only to list/create/open tables and to render filters (``lancedb.expr``); every
 byte of tokens goes through pylance (fragment writers, commits, merge-inserts). So, where lancedb cannot be
 imported, the extract part writes a small local-directory stand-in (:data:`LANCEDB_SHIM`: tables are
@@ -54,9 +54,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("extract", "sae_speed", "sae_train")
 
-# ------------------------------------------------------------------------------------------------ GPU.md
-# The figures measured on the lent H200 (../shared/GPU.md, "Figures measured on it"); keys are used below.
-GPU_MD = {
+# ----------------------------------------------------------------------------------------- H200 reference
+# The figures measured on the lent H200 (measured on the lent H200 by an earlier session); keys are used below.
+H200_REFERENCE = {
     "bare_forward": (400.0, "DINOv3 ViT-L/16 @448 bare forward, batch 64-128: ~400 images/s"),
     "plain_pipeline": (95.0, ("plain Ray Data pipeline, no decode -> one GPU actor -> lance_ray.write_lance: "
                               "95 images/s end to end")),
@@ -115,12 +115,12 @@ def sizes_for(mode: str, overrides: dict[str, Any] | None = None) -> Sizes:
 # ------------------------------------------------------------------------------------------ figures/results
 def figure(name: str, value: float, unit: str = "", ref: str | None = None, index: int | None = None,
            baseline: float | None = None, baseline_label: str | None = None) -> dict[str, Any]:
-    """One measured figure; ``ref`` names its GPU.md figure (``index`` picks one of a per-C pair), or ``baseline``
+    """One measured figure; ``ref`` names its reference figure (``index`` picks one of a per-C pair), or ``baseline``
     gives another figure of this run to compare against (e.g. ours against dense)."""
     out: dict[str, Any] = {"name": name, "value": float(value), "unit": unit, "gpu_md": None, "gpu_md_note": None,
                            "ratio": None}
     if ref is not None:
-        ref_value, note = GPU_MD[ref]
+        ref_value, note = H200_REFERENCE[ref]
         ref_value = ref_value[index or 0] if isinstance(ref_value, tuple) else ref_value
         out.update(gpu_md=float(ref_value), gpu_md_note=note)
         out["ratio"] = float(value) / ref_value if ref_value else None
@@ -757,7 +757,7 @@ def part_sae_speed(sz: Sizes, res: PartResult, work: Path) -> None:
         res.add(figure(f"ours (MultiSAETrainer) C={C} (tokens/s)", figs["ours"], "tokens/s", ref="dense", index=ci))
         res.add(figure(f"ours / dense C={C}", figs["ours"] / figs["dense"], "x", baseline=1.0,
                        baseline_label="dense, this run"))
-        res.add(figure(f"ours vs GPU.md's sparsify figure C={C} (tokens/s)", figs["ours"], "tokens/s",
+        res.add(figure(f"ours vs the reference sparsify figure C={C} (tokens/s)", figs["ours"], "tokens/s",
                        ref="sparsify", index=ci))
         res.add(figure(f"ours + AuxK (dead after one batch) C={C} (tokens/s)", figs["ours_auxk"], "tokens/s",
                        baseline=figs["dense"], baseline_label="dense, this run"))
@@ -1006,8 +1006,8 @@ def summarize(results: dict[str, dict[str, Any]], mode: str, pre: dict[str, Any]
                                   "error": "no result (the part crashed or was killed before writing one)"}
         out_parts[part] = r
     ok = all(r["status"] == "ok" for r in out_parts.values())
-    summary = {"mode": mode, "ok": ok, "preflight": pre or {}, "parts": out_parts, "gpu_md": "../shared/GPU.md",
-               "note": ("cpu-smoke: tiny sizes on CPU; the GPU.md columns and ratios only show the plumbing works"
+    summary = {"mode": mode, "ok": ok, "preflight": pre or {}, "parts": out_parts, "gpu_md": "bench/gpu_check.py H200_REFERENCE",
+               "note": ("cpu-smoke: tiny sizes on CPU; the reference columns and ratios only show the plumbing works"
                         if mode != "gpu" else "")}
     pre = pre or {}
     mods = pre.get("modules", {})
@@ -1018,7 +1018,7 @@ def summarize(results: dict[str, dict[str, Any]], mode: str, pre: dict[str, Any]
     if summary["note"]:
         lines.append("  " + summary["note"])
     width = 66
-    lines.append(f"  {'figure':{width}s} {'measured':>12s} {'GPU.md/base':>12s} {'ratio':>8s}")
+    lines.append(f"  {'figure':{width}s} {'measured':>12s} {'ref/base':>12s} {'ratio':>8s}")
     for part, r in out_parts.items():
         extra = f" ({r.get('seconds', 0):.0f} s)" if r.get("seconds") else ""
         lines.append(f"[{part}] {r['status'].upper()}{extra}" + (f": {r['error']}" if r.get("error") else ""))
@@ -1169,7 +1169,7 @@ def main(argv: list[str] | None = None) -> int:
         r = run_part(args.part, sz, work, fail=args.part in fail, **kwargs)
         for f in r["figures"]:
             print(f"  {f['name']}: {_fmt(f['value'], f['unit'])} {f['unit']}"
-                  + (f"  (GPU.md {_fmt(f['gpu_md'], f['unit'])}, ratio {_fmt(f['ratio'])})" if f["gpu_md"] else ""))
+                  + (f"  (ref {_fmt(f['gpu_md'], f['unit'])}, ratio {_fmt(f['ratio'])})" if f["gpu_md"] else ""))
         print(f"[{args.part}] {r['status']}" + (f": {r['error']}" if r["error"] else ""))
         return 0 if r["status"] == "ok" else 1
     if args.all:

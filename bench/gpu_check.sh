@@ -2,7 +2,7 @@
 # The GPU check, one command (under 8 minutes on one H200): bf16 extraction through the Ray pipeline into the
 # store vs the bare forward, our SAE step vs the dense autograd step at C = 8192 and 131072, and the SAE
 # trainer's CUDA path (training, checkpoint round trip, bit-identical resume). Each figure is printed beside
-# the one in ../shared/GPU.md with their ratio. See bench/gpu_check.py for what each part measures.
+# the H200 reference figure in bench/gpu_check.py (H200_REFERENCE) with their ratio. See bench/gpu_check.py for what each part measures.
 #
 #   bash bench/gpu_check.sh                     # on the GPU machine, after the two wheel installs (--plan)
 #   bash bench/gpu_check.sh --cpu-smoke         # the same code paths at tiny sizes on CPU (CI, dry runs)
@@ -41,7 +41,7 @@ SMOKE=(); [ "$MODE" = cpu-smoke ] && SMOKE=(--cpu-smoke)
 # Timeouts per step (seconds), from TIMEOUTS in gpu_check.py; on the GPU their sum stays under 8 minutes.
 eval "$("$PY" bench/gpu_check.py --timeouts ${SMOKE[@]+"${SMOKE[@]}"})" || exit 2
 
-# The packed Ray/Lance wheels (GPU.md) live in /tmp/site; the repo root makes spg_dist importable for the driver
+# The packed Ray/Lance wheels (see bench/gpu_check.py) live in /tmp/site; the repo root makes spg_dist importable for the driver
 # and, through the inherited environment, for the Ray workers it starts.
 if [ -d /tmp/site ]; then export PYTHONPATH="$ROOT:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 else export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"; fi

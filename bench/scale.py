@@ -7,6 +7,9 @@ For every (cluster, stage, size) it prints
 * steady-state images/s: the slope of work done against time between 10 % and 90 % of the run (images out of the
   pipeline for extraction and encode, scored test images for evaluation), so start-up (Ray, actors, model build) is
   left out; the ratio to the smallest size says whether the cost per image stays flat;
+* the wall time per size and the marginal rate between sizes, (N2 - N1) / (T2 - T1), in which start-up cancels
+  (the slope above is only as good as the ticks: a stage whose output arrives in a few bursts has no steady part
+  to measure at 10^3 images);
 * peak memory of the driver (its VmHWM) and of the object store (the cluster's plasma bytes, polled every second).
 
 Each stage runs as its own driver process (as `spg extract` would), so the driver's peak is that stage's own. The
@@ -316,6 +319,15 @@ def main() -> None:
             cells = "  ".join(f"{r['size']:>6d}: {r['steady']:7.1f} ({r['steady'] / ref:4.2f}x) "
                               f"{r['peak_driver'] / 2**20:5.0f}/{r['peak_plasma'] / 2**20:5.1f}" for r in rows)
             print(f"  {nodes} node(s) {stage:8s} {cells}")
+    print("\nwall time per size, and the marginal rate between sizes ((N2 - N1) / (T2 - T1): start-up cancels, so "
+          "a flat cost per image shows as equal marginal rates):")
+    for nodes in args.nodes:
+        for stage in args.stages:
+            rows = [r for r in table if r["nodes"] == nodes and r["stage"] == stage]
+            times = "  ".join(f"{r['size']:>6d}: {r['seconds']:6.1f} s" for r in rows)
+            marg = "  ".join(f"{a['size']}->{b['size']}: {(b['size'] - a['size']) / max(b['seconds'] - a['seconds'], 1e-9):7.0f}"
+                             for a, b in zip(rows, rows[1:]))
+            print(f"  {nodes} node(s) {stage:8s} {times}   marginal img/s {marg}")
     if not args.no_stage1:
         (_, s_sec, s_peak, s_tps), (_, m_sec, m_peak, m_tps) = stage1
         print(f"\nStage 1 streamed: worker peak {s_peak:.0f} MB vs held in memory {m_peak:.0f} MB "

@@ -12,6 +12,8 @@ that predate this module. Pure Python: every layer may import it.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 
 class SpgError(Exception):
     """Base of every user-facing error; ``str(e)`` is one line naming the input and what to do."""
@@ -45,5 +47,13 @@ class MissingInputError(SpgError, ValueError):
     """A method asked for an input it needs (``--aux``, ``--shots``) without it; the message names the option."""
 
 
-__all__ = ["CategoryOverlapError", "MissingInputError", "NoAuxiliaryDataError", "NoTargetDataError",
+def did_you_mean(name: str, known: Sequence[str], n: int = 3) -> str:
+    """``"did you mean 'a', 'b'? "`` for the closest of ``known`` to ``name`` (difflib), else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=n, cutoff=0.5)
+    return f"did you mean {', '.join(map(repr, close))}? " if close else ""
+
+
+__all__ = ["did_you_mean", "CategoryOverlapError", "MissingInputError", "NoAuxiliaryDataError", "NoTargetDataError",
            "NoTokensError", "SpgError", "UnknownNameError"]

@@ -31,7 +31,7 @@ def test_tokens_per_image_and_dataset(cap):
     t = cap.tokens_per_dataset("dinov3-vitl16")
     assert t["mvtec"] == (3629 + 1725) * 784
     assert t["visa"] == (9621 + 1200) * 784 == (8659 + 2162) * 784
-    assert t["total"] == 16175 * 784 == 12_681_200  # DESIGN.md: "about 12.6 M tokens"
+    assert t["total"] == 16175 * 784 == 12_681_200  # README (bench/capacity.py): "12.68 M tokens"
     assert cap.tokens_per_dataset("dinov3-vitl16", "train")["visa"] == 8659 * 784
 
 
@@ -112,4 +112,4 @@ def test_main_tables(cap, capsys):
     out = capsys.readouterr().out
     for section in ("[tokens]", "[store]", "[sae]", "[extract]", "[sweep]"):
         assert section in out
-    assert "measured on H200 (GPU.md)" in out and "from FLOPs at" in out
+    assert "measured on one H200" in out and "from FLOPs at" in out

@@ -118,7 +118,8 @@ def test_truncated_checkpoint_falls_back_to_the_newest_good_one(tmp_path, capsys
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     capsys.readouterr()
     resumed = train_saes(store, "bb", run_name="run", epochs=1, **kw).models[0]
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out + captured.err  # progress lines (the resume) go to stderr
     assert f"skipping damaged checkpoint {ckpts[-1]}" in out and "sae_000.safetensors is truncated" in out
     assert "resumed run from step 4" in out
     a = TopKSAE.from_bytes(sae_models.get(ref_store, ref["sae_id"])["weights"])

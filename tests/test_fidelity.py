@@ -1,4 +1,4 @@
-"""Paper fidelity, on hand-built tensors with hand-computed answers (SPG.md; one test group per point):
+"""Paper fidelity, on hand-built tensors with hand-computed answers (README: "Paper fidelity"; one test group per point):
 
 1. ``Backbone.encode(token="norm")`` = the model's own final-norm tokens (HF ``last_hidden_state``, open_clip's
    ``ln_post`` tokens), ``token="block"`` unchanged, the classical filter bank refuses ``"norm"``;

@@ -58,7 +58,7 @@ def test_cpu_smoke_runs_every_part_and_reports_figures_with_ratios(ray_cluster, 
         assert json.loads((work / f"{part}.json").read_text())["status"] == "ok"  # what gpu_check.sh collects
 
     ext = {f["name"]: f for f in summary["parts"]["extract"]["figures"]}
-    assert ext["pipeline / bare forward"]["gpu_md"] == 0.24  # each figure sits beside GPU.md's
+    assert ext["pipeline / bare forward"]["gpu_md"] == 0.24  # each figure sits beside the H200 reference it is checked against
     assert ext["bare forward, Backbone.encode (images/s)"]["gpu_md"] == 400.0
     assert ext["patch_tokens rows in the store / images"]["value"] == 1.0
     assert "pipeline once running (images/s)" in ext

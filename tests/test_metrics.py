@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from skimage.measure import label as sk_label
@@ -50,6 +53,62 @@ def random_case(rng: np.random.Generator, quantise: int | None) -> tuple[np.ndar
     if quantise:
         maps = np.round(maps * quantise) / quantise
     return masks, maps.astype(np.float32)
+
+
+# Seeded inputs whose AUPRO anomalib 2.7 computed once (tests/fixtures/aupro_golden.json, made by
+# tests/fixtures/make_aupro_golden.py): kept here, frozen, so the golden values hold whatever random_case becomes.
+GOLDEN_CASES = ([{"kind": "random", "seed": s, "quantise": [None, 10, 40, 6][s % 4], "fpr_limit": [0.3, 0.05, 0.6][s % 3]}
+                 for s in range(300, 316)]
+                + [{"kind": "blobs", "seed": s, "quantise": [None, 20][s % 2], "fpr_limit": 0.3} for s in range(400, 404)])
+GOLDEN = Path(__file__).resolve().parent / "fixtures" / "aupro_golden.json"
+
+
+def golden_case(kind: str, seed: int, quantise: int | None, fpr_limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """``random``: small stacks of scattered, often touching pixels; ``blobs``: 6 x 40 x 48 maps of smooth noise with
+    blob-shaped regions (several per image, the shape of real defects). ``fpr_limit`` is not used here."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    if kind == "random":
+        n, h, w = int(rng.integers(1, 5)), int(rng.integers(4, 14)), int(rng.integers(4, 14))
+        masks = rng.random((n, h, w)) < rng.uniform(0.05, 0.35)
+        maps = rng.random((n, h, w)) + masks * rng.uniform(0, 1)
+    else:
+        n, h, w = 6, 40, 48
+        field = gaussian_filter(rng.standard_normal((n, h, w)), sigma=(0, 3, 3))
+        masks = field > np.quantile(field, 0.9)
+        maps = gaussian_filter(rng.standard_normal((n, h, w)), sigma=(0, 2, 2)) + 0.6 * gaussian_filter(
+            masks.astype(float), sigma=(0, 1.5, 1.5))
+    masks[0, 0, 0], masks[0, -1, -1] = True, False  # both classes present
+    if quantise:
+        maps = np.round(maps * quantise) / quantise
+    return masks, maps.astype(np.float32)
+
+
+def test_aupro_matches_anomalib_golden() -> None:
+    """Every CI run, anomalib or not: our AUPRO against anomalib 2.7's on the same seeded inputs (values stored)."""
+    golden = json.loads(GOLDEN.read_text())
+    assert golden["anomalib_version"].startswith("2.7") and len(golden["cases"]) == len(GOLDEN_CASES)
+    for spec, case in zip(GOLDEN_CASES, golden["cases"]):
+        assert {k: case[k] for k in spec} == spec, "regenerate tests/fixtures/aupro_golden.json"
+        masks, maps = golden_case(**spec)
+        assert list(masks.shape) == case["shape"]
+        assert aupro(masks, maps, fpr_limit=spec["fpr_limit"]) == pytest.approx(case["aupro"], abs=1e-6), spec
+
+
+@pytest.mark.parametrize("index", range(len(GOLDEN_CASES)))
+def test_golden_inputs_against_live_anomalib(index: int) -> None:
+    """Where anomalib installs, the stored values are still what it computes (catches a stale fixture)."""
+    pytest.importorskip("anomalib")
+    torch = pytest.importorskip("torch")
+    from anomalib.metrics.aupro import _AUPRO
+
+    spec = GOLDEN_CASES[index]
+    masks, maps = golden_case(**spec)
+    metric = _AUPRO(fpr_limit=spec["fpr_limit"])
+    metric.update(torch.from_numpy(maps), torch.from_numpy(masks.astype(np.float32)))
+    assert float(metric.compute()) == pytest.approx(json.loads(GOLDEN.read_text())["cases"][index]["aupro"], abs=1e-7)
+    assert aupro(masks, maps, fpr_limit=spec["fpr_limit"]) == pytest.approx(float(metric.compute()), abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- image / pixel AUROC

@@ -107,7 +107,7 @@ def test_extraction_survives_a_lost_node(three_nodes, tmp_path):
     data = _images(tmp_path / "imgs", n)
     store = tmp_path / "store"
     cmd = ["python", "jobs/extract.py", "--dataset", f"folder:{data}", "--backbone", "tiny-dinov3", "--image-size",
-           "64", "--batch-size", "4", "--actors", "2", "--commit-every", "2", "--store", str(store), "--quiet"]
+           "64", "--batch-size", "4", "--workers", "2", "--commit-every", "2", "--store", str(store), "--quiet"]
     rc, out, _ = run_losing_a_node(three_nodes, cmd, tmp_path / "extract.log", settle=3,
                                    find=lambda: three_nodes.find_worker(actor="EncodeActor", timeout=60))
     assert rc == 0, out[-6000:]

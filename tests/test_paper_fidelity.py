@@ -78,7 +78,7 @@ def test_train_sae_refuses_an_ambiguous_store(tmp_path):
     from spg_dist.ray.train_sae import train_saes
 
     store = make_stage2_store(tmp_path)
-    with pytest.raises(SAEConfigError, match="pass --dataset"):
+    with pytest.raises(SAEConfigError, match="pass --aux"):
         train_saes(store, "bb", 3, Cs=[16], ks=[2], batch_tokens=16)
     with pytest.raises(SAEConfigError, match="--run-name"):
         train_saes(store, "bb", 3, Cs=[16], ks=[2], dataset=["aux"], run_name="../../escape")

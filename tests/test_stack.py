@@ -1,4 +1,4 @@
-"""Facts about the pinned stack that our design depends on (STACK.md), kept as tests so that a version bump
+"""Facts about the pinned stack that our design depends on (README: "The store"; constraints.txt pins it), kept as tests so that a version bump
 that changes them is noticed: Ray's built-in ``Dataset.write_lance`` is broken with pylance 14 (so we write
 fragments ourselves), while lance-ray's writer and lancedb's merge_insert behave as we rely on."""
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.mark.xfail(strict=True, raises=TypeError, reason="Ray 2.60's write_lance passes storage_options_provider, "
                    "which pylance 14's write_fragments does not accept. If this XPASSes, a version moved: update "
-                   "STACK.md/README and consider the built-in writer again.")
+                   "README.md ('The store') and consider the built-in writer again.")
 def test_ray_builtin_write_lance_is_broken_with_pinned_pylance(ray_cluster, tmp_path):
     ds = ray_cluster.data.from_items([{"a": i} for i in range(4)])
     ds.write_lance(str(tmp_path / "t.lance"))

@@ -41,6 +41,82 @@ class WeightsUnavailableError(SpgError, FileNotFoundError):
     is neither cached nor downloadable (offline). The message names what was tried and how to pass a local path."""
 
 
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+_REACHABLE: dict[tuple[str, int], bool] = {}
+
+
+def hub_reachable(timeout: float = 1.0) -> bool:
+    """Whether the Hugging Face hub can be reached: False under HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, else one TCP
+    connection to the hub (``HF_ENDPOINT`` or huggingface.co:443) within ``timeout`` seconds, name lookup included
+    (remembered for the process). Lets a load without network fail in a second instead of minutes of retries."""
+    import os
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    if _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE")):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    key = (url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443))
+    if key not in _REACHABLE:
+        ok: list[bool] = []
+
+        def probe() -> None:
+            try:
+                socket.create_connection(key, timeout=timeout).close()
+                ok.append(True)
+            except OSError:
+                pass
+
+        t = threading.Thread(target=probe, daemon=True)  # a name lookup ignores the socket timeout
+        t.start()
+        t.join(timeout + 0.5)
+        _REACHABLE[key] = bool(ok)
+    return _REACHABLE[key]
+
+
+class hub_offline:
+    """Within the block the Hugging Face hub is used offline (local cache only, no retries) when it is unreachable;
+    ``.offline`` says which. Restores the previous setting on exit."""
+
+    def __enter__(self) -> "hub_offline":
+        import os
+
+        self.offline = not hub_reachable()
+        self._saved = None
+        if self.offline:
+            try:
+                import huggingface_hub.constants as hf_constants
+            except ImportError:  # pragma: no cover - transformers and open_clip depend on it
+                hf_constants = None
+            self._saved = (os.environ.get("HF_HUB_OFFLINE"), hf_constants,
+                           getattr(hf_constants, "HF_HUB_OFFLINE", None))
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            if hf_constants is not None:
+                hf_constants.HF_HUB_OFFLINE = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import os
+
+        if self._saved is not None:
+            env, hf_constants, value = self._saved
+            if env is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = env
+            if hf_constants is not None:
+                hf_constants.HF_HUB_OFFLINE = value
+
+
+def not_cached(name: str, weights: str) -> "WeightsUnavailableError":
+    return WeightsUnavailableError(f"backbone {name}: weights {weights!r} are not in the local cache and the hub is "
+                                   f"unreachable; pass --weights /path/to/saved/model or --weights random")
+
+
 TOKEN_CHOICES = ("block", "norm")
 """Which tokens :meth:`Backbone.encode` returns for a layer. ``"block"``: the transformer block's output, before the
 model's final norm (what ``hidden_states[L]`` / ``forward_intermediates`` give). ``"norm"``: the same tokens passed
@@ -154,7 +230,7 @@ class Backbone(ABC):
         check_token(token)
         if token == "norm" and not self.has_final_norm:
             raise NoFinalNormError(f"backbone {self.name!r} (family {self.config.family}) has no final norm: "
-                                   f"token='norm' is undefined for it, use token='block'")
+                                   f"--token norm is undefined for it, use --token block")
         resolved = self.resolve_layers(layers)
         x = self.normalise(pixels)
         use_bf16 = self.device.type == "cuda"

@@ -20,7 +20,7 @@ import torch
 import transformers
 from transformers import PretrainedConfig
 
-from .base import Backbone, BackboneConfig, WeightsMismatchError, WeightsUnavailableError
+from .base import Backbone, BackboneConfig, WeightsMismatchError, WeightsUnavailableError, hub_offline, not_cached
 from .tiny import seeded
 
 
@@ -115,7 +115,7 @@ def _check_checkpoint_config(config: BackboneConfig, family: HFFamily, source: s
     except (OSError, ValueError) as err:
         raise WeightsUnavailableError(
             f"cannot load weights for backbone {config.name!r} from {source!r}: not a local directory and not in "
-            f"the Hugging Face cache (no network here). Pass weights=/path/to/checkpoint_dir (--weights) with a "
+            f"the Hugging Face cache (no network here). Pass --weights /path/to/checkpoint_dir with a "
             f"local copy of {config.source or 'the checkpoint'}. ({type(err).__name__}: {str(err)[:200]})") from err
     model_type = raw.get("model_type")
     if model_type not in family.model_types:
@@ -152,12 +152,24 @@ def _check_loading_info(config: BackboneConfig, family: HFFamily, source: str, i
 def load_hf_model(config: BackboneConfig, weights: str | None) -> torch.nn.Module:
     """Build the transformers model of ``config``: seeded random init when untrained and no weights, else strict load."""
     family = FAMILIES[config.family]
-    model_cls = _tf(family.model_cls)
     if config.untrained and weights is None:
         with seeded(config.options.get("seed", 0)):
-            return model_cls(build_hf_config(config))
-    source, _ = resolve_source(config, weights)
-    ckpt_config = _check_checkpoint_config(config, family, source)
+            return _tf(family.model_cls)(build_hf_config(config))
+    source, local = resolve_source(config, weights)
+    if local:
+        return _load(config, family, source)
+    with hub_offline() as hub:  # not a local folder: the cache, and the hub only when it answers
+        try:
+            return _load(config, family, source)
+        except (WeightsUnavailableError, OSError) as err:
+            if hub.offline:
+                raise not_cached(config.name, source) from err
+            raise
+
+
+def _load(config: BackboneConfig, family: HFFamily, source: str) -> torch.nn.Module:
+    ckpt_config = _check_checkpoint_config(config, family, source)  # before the (slow) import of the model class
+    model_cls = _tf(family.model_cls)
     try:
         with _quiet_transformers():
             model, info = model_cls.from_pretrained(source, config=ckpt_config, output_loading_info=True,

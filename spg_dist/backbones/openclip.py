@@ -27,7 +27,7 @@ from open_clip.transformer import VisionTransformer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .base import Backbone, BackboneConfig, WeightsMismatchError, WeightsUnavailableError
+from .base import Backbone, BackboneConfig, WeightsMismatchError, WeightsUnavailableError, hub_offline, not_cached
 from .tiny import seeded
 
 CHECKPOINT_NAME = "open_clip_model.safetensors"  # the file save_backbone writes inside a directory
@@ -51,7 +51,7 @@ def _resolve_pretrained(config: BackboneConfig, weights: str | None) -> tuple[st
     if weights is None:
         tag = config.options.get("pretrained")
         if tag is None:
-            raise WeightsUnavailableError(f"backbone {config.name!r} has no default weights: pass weights=<path or tag>")
+            raise WeightsUnavailableError(f"backbone {config.name!r} has no default weights: pass --weights PATH_OR_TAG")
         return tag, True
     if weights in open_clip.list_pretrained_tags_by_model(config.source):
         return weights, True
@@ -110,13 +110,19 @@ def load_openclip_model(config: BackboneConfig, weights: str | None) -> torch.nn
             return open_clip.create_model(config.source, pretrained=None, **kwargs)
     if not is_tag:
         _check_grid(config, pretrained)
+    hub = hub_offline() if is_tag else None  # a tag comes from the cache, or from the hub when it answers
     try:
-        return open_clip.create_model(config.source, pretrained=pretrained, **kwargs)
+        if hub is None:
+            return open_clip.create_model(config.source, pretrained=pretrained, **kwargs)
+        with hub:
+            return open_clip.create_model(config.source, pretrained=pretrained, **kwargs)
     except Exception as err:  # open_clip raises bare RuntimeError for download and strict-load failures alike
+        if hub is not None and hub.offline:
+            raise not_cached(config.name, pretrained) from err
         if is_tag and "download" in str(err).lower():
             raise WeightsUnavailableError(
                 f"cannot load pretrained tag {pretrained!r} of {config.source} for backbone {config.name!r}: not "
-                f"cached and no network here. Pass weights=/path/to/checkpoint (--weights) with a local "
+                f"cached and no network here. Pass --weights /path/to/checkpoint with a local "
                 f"open_clip state dict (.safetensors/.bin/.pt). ({str(err)[:200]})") from err
         raise WeightsMismatchError(
             f"weights {pretrained!r} do not fit backbone {config.name!r} ({config.source}): {str(err)[:600]}") from err

@@ -125,7 +125,10 @@ def get_config(name: str) -> BackboneConfig:
     base = name[: -len(RANDOM_SUFFIX)] if name.endswith(RANDOM_SUFFIX) else name
     config = _REGISTRY.get(base) or _REGISTRY.get(_ALIASES.get(base, ""))
     if config is None:
-        raise UnknownBackboneError(f"unknown backbone {name!r}; known: {', '.join(_REGISTRY)}")
+        from spg_dist.errors import did_you_mean
+
+        raise UnknownBackboneError(f"unknown backbone {name!r}; {did_you_mean(base, list(_REGISTRY))}"
+                                   f"known: {', '.join(_REGISTRY)} (`spg backbones` describes them)")
     return _random_variant(config) if base != name else config
 
 

@@ -1,4 +1,4 @@
-"""The ``spg`` command: one subcommand per stage (DESIGN.md's CLI contract), one module per stage.
+"""The ``spg`` command: one subcommand per stage, one module per stage.
 
 Subcommands import their stage lazily so ``spg --help`` is instant, and every expected failure (bad path,
 unknown backbone, mismatched weights) is one line on stderr with a non-zero exit, never a traceback.

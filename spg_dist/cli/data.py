@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import click
 
-from spg_dist.cli.base import DEFAULT_STORE, _apply, _int_list, _str_list, main
+from spg_dist.cli.base import (DEFAULT_STORE, _apply, _int_list, _str_list, alias, dataset_spec, main, on_cluster,
+                               run_options, start_ray, store_path, weights_path)
 
 
 @main.group()
@@ -40,12 +41,31 @@ def synth_cmd(out, layout, seed, image_size, n_train, n_test_good, n_test_bad, c
                f"({', '.join(cats)}) to {path}; use it as --dataset {layout}:{path}")
 
 
+@datasets.command("list")
+@click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store URI.")
+def datasets_list_cmd(store) -> None:
+    """List the datasets the store holds: the NAMEs --aux and --target take, with images and categories."""
+    from spg_dist.store import Store, images
+
+    uri = store_path(store, cluster=False)
+    tbl = images.rows(Store(uri), columns=("dataset", "category", "split", "label")).to_pandas()
+    if tbl.empty:
+        click.echo(f"no datasets in {uri} (add one with `spg extract --dataset LAYOUT:PATH`)")
+        return
+    for name in images.datasets(Store(uri)):
+        rows = tbl[tbl["dataset"] == name]
+        cats = sorted(rows["category"].unique())
+        click.echo(f"{name:24s} {len(rows):>7d} images ({int((rows['label'] == 1).sum())} defective) "
+                   f"{len(cats)} categories: {', '.join(cats)}")
+
+
 def extract_options(f):
     """Options of ``spg extract``, shared with ``jobs/extract.py`` (one definition, one --help)."""
     opts = [
         click.option("--dataset", required=True,
-                     help="LAYOUT:PATH[@NAME] with LAYOUT mvtec, visa or folder, e.g. mvtec:/data/mvtec_ad. NAME "
-                          "(default: the folder's name) prefixes every image_id."),
+                     help="The dataset on disk: LAYOUT:PATH[@NAME] with LAYOUT mvtec, visa or folder, e.g. "
+                          "mvtec:/data/mvtec_ad. NAME (default: the folder's name) prefixes every image_id and is how "
+                          "later commands choose it (--aux NAME, --target NAME)."),
         click.option("--backbone", default="tiny-dinov3", show_default=True,
                      help="Registry name (see `spg backbones`), e.g. dinov3-vitl16, dinov2-vitl14, siglip-l16-384, "
                           "openclip-vitl14-336; tiny-* are untrained test models; NAME@random is the real "
@@ -69,38 +89,46 @@ def extract_options(f):
         click.option("--backbone-id", default=None,
                      help="Id the rows are keyed by. Default: the backbone name, plus @<weights folder> with --weights."),
         click.option("--batch-size", type=int, default=16, show_default=True, help="Images per backbone call."),
-        click.option("--actors", "num_actors", type=int, default=1, show_default=True,
+        click.option("--workers", "num_actors", type=int, default=1, show_default=True,
                      help="Backbone actors in the pool (one model copy each)."),
-        click.option("--gpus-per-actor", type=float, default=None,
-                     help="GPUs per actor. Default: 1 when the cluster has GPUs, else CPU actors."),
-        click.option("--cpus-per-actor", type=float, default=1.0, show_default=True,
-                     help="CPUs (and torch threads) per CPU actor."),
+        click.option("--cpus-per-worker", "cpus_per_actor", type=float, default=1.0, show_default=True,
+                     help="CPUs (and torch threads) per CPU backbone actor."),
+        click.option("--gpus-per-worker", "gpus_per_actor", type=float, default=None,
+                     help="GPUs per backbone actor (0: CPU actors). Default: 1 when the cluster has GPUs, else 0."),
+        alias("--actors", "--workers", "num_actors", type=int),
+        alias("--cpus-per-actor", "--cpus-per-worker", "cpus_per_actor", type=float),
+        alias("--gpus-per-actor", "--gpus-per-worker", "gpus_per_actor", type=float),
         click.option("--commit-every", "commit_every_s", type=float, default=30.0, show_default=True,
                      help="Seconds between commits of written fragments (what a crash can lose)."),
-        click.option("--address", default=None,
-                     help="Ray cluster address (default: RAY_ADDRESS, as set by `ray job submit`, else a local Ray)."),
-        click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)."),
         click.option("--max-pixels", type=click.IntRange(min=1), default=None,
                      help="Images whose header claims more pixels are an errors row, never decoded (default: "
                           "$SPG_MAX_IMAGE_PIXELS, else 64,000,000: MVTec AD and VisA images are at most ~1.5 M)."),
         click.option("--corruptions", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Also store the tokens of N CutPaste-corrupted copies of every normal train image, paired "
                           "with the clean ones (what FoundAD trains on); a re-run adds nothing."),
-        click.option("--quiet", is_flag=True, help="No progress bar."),
+        *run_options(),
     ]
     return _apply(opts, f)
 
 
 @main.command("extract")
 @extract_options
-def extract_cmd(quiet: bool, **kwargs) -> None:
+def extract_cmd(quiet: bool, verbose: bool, **kwargs) -> None:
     """Extract patch tokens of a dataset into the store with a Ray Data pipeline (decode on CPU tasks, a pool of
     backbone actors, parallel Lance fragment writers). Re-running writes only what is missing."""
+    cluster = on_cluster(kwargs.get("address"))
+    kwargs["dataset"] = dataset_spec(kwargs["dataset"], cluster)
+    kwargs["weights"] = weights_path(kwargs.get("weights"), cluster)
+    kwargs["store"] = store_path(kwargs["store"], cluster, must_exist=False)
+    start_ray(kwargs.get("address"), kwargs.get("num_cpus"), verbose)
     run_extract(quiet=quiet, **kwargs)
 
 
 def run_extract(quiet: bool = False, **kwargs) -> None:
+    from spg_dist.backbones import get_config
     from spg_dist.ray.extract import extract
+
+    get_config(kwargs["backbone"])  # an unknown name: one line with the closest names, before Ray starts
 
     result = extract(progress=not quiet, **kwargs)
     for e in result.errors:
@@ -110,7 +138,7 @@ def run_extract(quiet: bool = False, **kwargs) -> None:
 
 @main.command("backbones")
 def backbones_cmd() -> None:
-    """List the backbone registry."""
+    """List the backbone registry (the names --backbone takes)."""
     from spg_dist.backbones import get_config, list_backbones
 
     for name in list_backbones():
@@ -124,20 +152,33 @@ def backbones_cmd() -> None:
 @click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store URI.")
 @click.pass_context
 def store_group(ctx: click.Context, store: str) -> None:
-    """Show the store's tables: rows, the schema version each was written with (and the one this code reads), and
-    each table's Lance version. `spg store check` looks deeper."""
+    """Show the store's tables: rows, the schema version stored against the one schemas/<table>.json declares, and
+    each table's Lance version (how many commits it has had). `spg store check` looks deeper."""
     if ctx.invoked_subcommand is not None:
         ctx.obj = store
         return
+    from importlib import metadata
+
     from spg_dist.store.check import describe_tables
 
-    for t in describe_tables(store):
+    uri = store_path(store, cluster=False)
+
+    def ver(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "?"
+
+    click.echo(f"store {uri} (lancedb {ver('lancedb')}, lance {ver('pylance')})")
+    for t in describe_tables(uri):
         if t["rows"] is None:
-            click.echo(f"{t['table']:22s}          -")
+            click.echo(f"{t['table']:22s} {'-':>10s}")
             continue
-        mark = "" if t["code_version"] in (None, t["schema_version"]) else f" (this code reads v{t['code_version']})"
-        click.echo(f"{t['table']:22s} {t['rows']:>10d} rows  schema v{t['schema_version']}{mark}  "
-                   f"lance v{t['lance_version']}")
+        stored = "-" if t["schema_version"] is None else t["schema_version"]
+        declared = "" if t["code_version"] is None else (
+            f" (declared v{t['code_version']})" if t["code_version"] == t["schema_version"] else
+            f" (MISMATCH: schemas/{t['table']}.json declares v{t['code_version']})")
+        click.echo(f"{t['table']:22s} {t['rows']:>10d} rows  schema v{stored}{declared}  lance v{t['lance_version']}")
 
 
 @store_group.command("check")
@@ -157,7 +198,7 @@ def store_check_cmd(ctx: click.Context, store_opt, repair, drop_damaged, grace_s
     something is wrong (after --repair: when something could not be fixed)."""
     from spg_dist.store.check import check
 
-    report = check(store_opt or ctx.obj or DEFAULT_STORE, repair=repair, drop_damaged=drop_damaged,
+    report = check(store_path(store_opt or ctx.obj or DEFAULT_STORE, cluster=False), repair=repair, drop_damaged=drop_damaged,
                    grace_seconds=grace_seconds)
     for line in report.lines():
         click.echo(line)

@@ -6,7 +6,11 @@ import sys
 
 import click
 
-from spg_dist.cli.base import _steps, main
+from spg_dist.cli.base import _apply, _steps, main, run_options
+
+
+def _apply_run_options(f):
+    return _apply(run_options(), f)
 
 
 @main.command("demo")
@@ -28,17 +32,21 @@ from spg_dist.cli.base import _steps, main
 @click.option("--detectors", default="all", show_default=True,
               help="Detectors to compare, comma-separated registry names (`spg detectors`), or all.")
 @click.option("--shots", type=int, default=4, show_default=True, help="Normal images per category for few-shot ones.")
-@click.option("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all).")
-def demo_cmd(store, out, backbone, weights, preset, preprocess, C, k, epochs, seed, detectors, shots, num_cpus) -> None:
+@click.option("--overlays", type=int, default=4, show_default=True,
+              help="Anomalous target images per direction drawn with every method's map side by side "
+                   "(<out>/reports/overlays/); 0: none.")
+@_apply_run_options
+def demo_cmd(store, out, backbone, weights, preset, preprocess, C, k, epochs, seed, detectors, shots, overlays,
+             address, num_cpus, quiet, verbose) -> None:
     """The pipeline end to end on data it makes itself: synthesise an MVTec-layout and a VisA-layout dataset with
     disjoint categories, extract both, and in both directions train an SAE and guides on one and evaluate zero-shot
-    on the other, next to every other detector on the same stored tokens; prints one table of every method. A
-    re-run reuses the store."""
+    on the other, next to every other detector on the same stored tokens; prints one table of every method (the
+    same on every run with the same --seed) and one of their wall times. A re-run reuses the store."""
     from spg_dist.stages.demo import run_demo
 
     run_demo(out=out, store=store, backbone=backbone, weights=weights, C=C, k=k, epochs=epochs, seed=seed,
-             preset=preset, preprocess=preprocess, detectors=detectors, shots=shots, num_cpus=num_cpus,
-             echo=click.echo)
+             preset=preset, preprocess=preprocess, detectors=detectors, shots=shots, overlays=overlays,
+             address=address, num_cpus=num_cpus, quiet=quiet, verbose=verbose, echo=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,7 +5,29 @@ from __future__ import annotations
 
 import click
 
-from spg_dist.cli.base import DEFAULT_STORE, _apply, _int_list, _steps, _str_list, main
+from spg_dist.cli.base import (DEFAULT_STORE, _apply, _int_list, _split, _steps, _str_list, alias, check_datasets,
+                               check_sae, main, on_cluster, run_options, start_ray, store_path)
+
+
+def _with_scale(value: str, params: dict) -> str:
+    """The old --input-scaling unit_mean_sq_norm is the 'scale' step of --preprocess."""
+    if value == "none":
+        return params.get("preprocess") or "none"
+    return _steps(None, None, ",".join(s for s in (params.get("preprocess") or "none", "scale") if s != "none"))
+
+
+def _gpus(value: float | None, option: str = "--gpus-per-worker") -> bool | None:
+    """A stage that places one GPU per worker (or none): F must be 0 or 1."""
+    if value is None:
+        return None
+    if value not in (0, 1):
+        raise click.BadParameter(f"{value:g}: this stage uses one whole GPU per worker or none; pass 1 or 0",
+                                 param_hint=option)
+    return bool(value)
+
+
+def _apply_run_options(f):
+    return _apply(run_options(), f)
 
 
 def train_sae_options(f):
@@ -21,9 +43,12 @@ def train_sae_options(f):
                      help="Active latents per token, comma-separated."),
         click.option("--sparsifier", "sparsifiers", default="topk", show_default=True, callback=_str_list,
                      help="topk and/or batchtopk (comma-separated: both are trained side by side)."),
-        click.option("--dataset", "dataset", multiple=True, callback=_str_list,
-                     help="Dataset name(s) to train on: the auxiliary data (required when the store holds this "
-                          "backbone's tokens of several datasets, so evaluation can check zero-shot)."),
+        click.option("--aux", "dataset", multiple=True, callback=_str_list,
+                     help="Stored dataset name(s) to train on, the auxiliary data (repeat or comma-separate; required "
+                          "when the store holds this backbone's tokens of several datasets, so evaluation can check "
+                          "zero-shot). `spg datasets list` shows the names."),
+        alias("--dataset", "--aux", "dataset", what=" (a stored dataset name)", multiple=True,
+              to=lambda v, _p: _split(v)),
         click.option("--all-datasets", is_flag=True,
                      help="Train on every dataset stored for the backbone (evaluating on any of them is then "
                           "refused as not zero-shot)."),
@@ -40,9 +65,10 @@ def train_sae_options(f):
         click.option("--engine", type=click.Choice(["ray-train", "local"]), default="ray-train", show_default=True,
                      help="ray-train: a Ray Train TorchTrainer (DDP over --workers); local: one process, no Ray."),
         click.option("--workers", type=int, default=1, show_default=True, help="Ray Train workers (DDP)."),
-        click.option("--gpu/--no-gpu", "use_gpu", default=False, show_default=True,
-                     help="One GPU per worker, bf16 autocast, NCCL."),
         click.option("--cpus-per-worker", type=float, default=1.0, show_default=True, help="CPUs per CPU worker."),
+        click.option("--gpus-per-worker", type=float, default=0.0, show_default=True,
+                     help="1: one GPU per worker, bf16 autocast, NCCL; 0: CPU workers."),
+        alias("--gpu/--no-gpu", "--gpus-per-worker 1 (or 0)", "gpus_per_worker", to=lambda v, _p: 1.0 if v else 0.0),
         click.option("--data-mode", type=click.Choice(["auto", "memory", "stream"]), default="auto",
                      show_default=True, help="memory: each worker holds its shard (on its device); stream: Ray "
                                              "Data with a shuffle buffer; auto: memory when the shard fits."),
@@ -51,15 +77,14 @@ def train_sae_options(f):
         click.option("--dead-tokens", type=int, default=None,
                      help="A latent is dead after this many tokens without firing (default 10 M, scaled down to a "
                           "tenth of the training tokens on small data)."),
-        click.option("--input-scaling", type=click.Choice(["none", "unit_mean_sq_norm"]), default="none",
-                     show_default=True, help="Scale tokens before the SAE (recorded with the model); same as "
-                                             "adding 'scale' to --preprocess."),
         click.option("--preprocess", default="none", show_default=True, callback=_steps,
                      help="Token preprocessing steps, comma-separated, fitted on the training tokens and recorded "
                           "with the SAE (guides and evaluation inherit them): center (subtract each image's median "
                           "token), standardize (per-dimension mean/std), scale (unit mean square per dimension), "
                           "constant (append the median token norm as one extra component: lets SPG's cosine see "
                           "magnitude). The classical encoder's demo uses standardize,constant."),
+        alias("--input-scaling", "--preprocess scale", "preprocess", type=click.Choice(["none", "unit_mean_sq_norm"]),
+              to=_with_scale, merge=True),
         click.option("--checkpoint-every", type=int, default=200, show_default=True, help="Steps between checkpoints."),
         click.option("--log-every", type=int, default=50, show_default=True, help="Steps between metric logs."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of init and shuffling."),
@@ -68,21 +93,29 @@ def train_sae_options(f):
         click.option("--storage-path", default=None, help="Where checkpoints go (default: <store>/_runs)."),
         click.option("--max-failures", type=int, default=0, show_default=True,
                      help="Worker failures Ray Train recovers from (restarting at the latest checkpoint)."),
-        click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)."),
-        click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)."),
+        *run_options(),
     ]
     return _apply(opts, f)
 
 
 @main.command("train-sae")
 @train_sae_options
-def train_sae_cmd(no_auxk: bool, split: str, dataset, **kwargs) -> None:
+def train_sae_cmd(no_auxk: bool, split: str, dataset, gpus_per_worker, quiet, verbose, **kwargs) -> None:
     """Train TopK SAEs on stored patch tokens with Ray Train; a (C, k) grid costs one pass over the data.
     Checkpoints every --checkpoint-every steps; re-running the same command resumes; finished SAEs are
     registered in sae_models."""
     from spg_dist.ray.train_sae import train_saes
 
-    result = train_saes(auxk=not no_auxk, split=None if split == "all" else split, dataset=dataset, **kwargs)
+    cluster = on_cluster(kwargs.get("address"))
+    kwargs["store"] = store_path(kwargs["store"], cluster)
+    if kwargs.get("storage_path"):
+        kwargs["storage_path"] = store_path(kwargs["storage_path"], cluster, must_exist=False,
+                                            option="--storage-path")
+    check_datasets(kwargs["store"], dataset, "--aux")
+    use_gpu = bool(_gpus(gpus_per_worker))
+    start_ray(kwargs.get("address"), kwargs.get("num_cpus"), verbose)
+    result = train_saes(auxk=not no_auxk, split=None if split == "all" else split, dataset=dataset, use_gpu=use_gpu,
+                        progress=not quiet, echo=lambda m: click.echo(m, err=True), **kwargs)
     if result.reused:
         click.echo(f"run {result.run} had finished before: nothing trained")
     for r in result.models:
@@ -93,40 +126,105 @@ def train_sae_cmd(no_auxk: bool, split: str, dataset, **kwargs) -> None:
 @main.command("encode")
 @click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store URI.")
 @click.option("--sae", "sae_id", required=True, help="sae_id from sae_models (see `spg saes`).")
-@click.option("--dataset", multiple=True, callback=_str_list, help="Only these dataset names (default: all).")
+@click.option("--target", "dataset", multiple=True, callback=_str_list,
+              help="Only these stored dataset names (repeat or comma-separate; default: all). `spg datasets list` "
+                   "shows the names.")
+@alias("--dataset", "--target", "dataset", what=" (a stored dataset name)", multiple=True, to=lambda v, _p: _split(v))
 @click.option("--category", "categories", multiple=True, callback=_str_list, help="Only these categories.")
 @click.option("--top-n", type=int, default=64, show_default=True,
               help="Activations kept per atom in atom_top, over all categories and within each category.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per SAE call.")
-@click.option("--actors", "num_actors", type=int, default=1, show_default=True, help="SAE actors in the pool.")
+@click.option("--workers", "num_actors", type=int, default=1, show_default=True, help="SAE actors in the pool.")
+@click.option("--gpus-per-worker", type=float, default=None,
+              help="1: one GPU per SAE actor; 0: CPU actors. Default: 1 when the cluster has GPUs, else 0.")
+@alias("--actors", "--workers", "num_actors", type=int)
 @click.option("--rebuild-atoms", is_flag=True,
               help="Rebuild atom_images and atom_top from sae_codes even when they are current.")
-@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray).")
-@click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def encode_cmd(store, sae_id, dataset, categories, top_n, batch_size, num_actors, rebuild_atoms, address, num_cpus,
-               quiet) -> None:
+@_apply_run_options
+def encode_cmd(store, sae_id, dataset, categories, top_n, batch_size, num_actors, gpus_per_worker, rebuild_atoms,
+               address, num_cpus, quiet, verbose) -> None:
     """Encode stored tokens with a trained SAE into sae_codes, then build atom_images (per atom, the images it
     fires in) and atom_top (per atom its top-N patches overall and per category) from all of the SAE's codes.
     Re-running encodes only what is missing and rebuilds the atom tables only when sae_codes changed (also after
     an interrupted or concurrent encode)."""
     from spg_dist.ray.encode import encode
 
+    store = store_path(store, on_cluster(address))
+    check_sae(store, sae_id)
+    check_datasets(store, dataset, "--target")
+    use_gpu = _gpus(gpus_per_worker)
+    start_ray(address, num_cpus, verbose)
     res = encode(store, sae_id, dataset=dataset, categories=categories, top_n=top_n, batch_size=batch_size,
-                 num_actors=num_actors, rebuild_atoms=rebuild_atoms, address=address, num_cpus=num_cpus,
-                 progress=not quiet)
+                 num_actors=num_actors, use_gpu=use_gpu, rebuild_atoms=rebuild_atoms, address=address,
+                 num_cpus=num_cpus, progress=not quiet)
     click.echo(res.summary())
 
 
-@main.command("saes")
+@main.group("saes", invoke_without_command=True)
 @click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store URI.")
-def saes_cmd(store) -> None:
-    """List the SAEs registered in sae_models."""
+@click.pass_context
+def saes_cmd(ctx: click.Context, store) -> None:
+    """List the SAEs registered in sae_models; `spg saes show SAE_ID` shows one (and writes its figures)."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = store
+        return
     from spg_dist.store import Store, sae_models
 
-    for r in sae_models.list_rows(Store(store)):
+    rows = sae_models.list_rows(Store(store_path(store, cluster=False)))
+    if not rows:
+        click.echo(f"no SAEs in {store} (train one with `spg train-sae`)")
+    for r in rows:
         click.echo(f"{r['sae_id']}  nmse {r['nmse']:.4f}  L0 {r['l0']:.1f}  dead {100 * r['dead_fraction']:.1f}%  "
                    f"{r['steps']} steps")
+
+
+@saes_cmd.command("show")
+@click.argument("sae_id")
+@click.option("--store", "store_opt", default=None, help="Store URI (default: the group's --store).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Also write the SAE's figures (firing histogram, training curves, …) into this folder.")
+@click.pass_context
+def saes_show_cmd(ctx: click.Context, sae_id, store_opt, out) -> None:
+    """One SAE's record: dictionary size C, k, backbone, layer, steps, NMSE, L0, dead fraction, what it was
+    trained on; with --out its figures."""
+    import json
+
+    from spg_dist.store import Store, sae_models
+
+    store = store_path(store_opt or ctx.obj or DEFAULT_STORE, cluster=False)
+    check_sae(store, sae_id)
+    r = sae_models.get(Store(store), sae_id, with_weights=False)
+    try:
+        cfg = json.loads(r.get("config") or "{}")
+    except ValueError:
+        cfg = {}
+    pre = cfg.get("preprocessing") or {}
+    prep = [n for n, on in (("center", pre.get("center")), ("standardize", pre.get("mean") is not None),
+                            ("scale", pre.get("scale") not in (None, 1, 1.0, False)), ("constant", pre.get("constant")))
+            if on]
+    data = cfg.get("filter")
+    fields = [("sae_id", r["sae_id"]), ("backbone", r["backbone"]), ("layer", r["layer"]), ("d", r["d"]),
+              ("C", r["C"]), ("k", r["k"]), ("sparsifier", r["sparsifier"]), ("steps", r["steps"]),
+              ("tokens seen", r["tokens_seen"]), ("nmse", f"{r['nmse']:.4f}"),
+              ("explained variance", f"{r['explained_variance']:.3f}"), ("L0", f"{r['l0']:.1f}"),
+              ("dead fraction", f"{100 * r['dead_fraction']:.1f}%"), ("run", r["run"]), ("run dir", r["run_dir"]),
+              ("created", r["created_at"])]
+    if prep:
+        fields.append(("preprocess", ",".join(map(str, prep))))
+    if data:
+        fields.append(("trained on", json.dumps(data, default=str)))
+    for key, value in fields:
+        click.echo(f"{key:19s} {value}")
+    if out:
+        from pathlib import Path
+
+        from spg_dist.viz.sae_figures import write_sae_figures
+
+        paths = write_sae_figures(Store(store), sae_id, Path(out))
+        for path in paths:
+            click.echo(f"wrote {path}")
+        if not paths:
+            click.echo("no figures: this SAE's row holds no firing record and no training curve")
 
 
 @main.group()
@@ -152,6 +250,8 @@ def atoms_top_cmd(store, sae_id, atom, n, category, gallery, verify) -> None:
     from spg_dist.store import Store
     from spg_dist.store.atoms import brute_force_top, top_patches
 
+    store = store_path(store, cluster=False)
+    check_sae(store, sae_id)
     s = Store(store)
     t0 = time.perf_counter()
     rows = top_patches(s, sae_id, atom, n, category)
@@ -187,6 +287,8 @@ def atoms_images_cmd(store, sae_id, atom, category, show) -> None:
     from spg_dist.store import Store
     from spg_dist.store.atoms import images_firing
 
+    store = store_path(store, cluster=False)
+    check_sae(store, sae_id)
     t0 = time.perf_counter()
     rows = images_firing(Store(store), sae_id, atom, category)
     ms = 1e3 * (time.perf_counter() - t0)
@@ -210,12 +312,19 @@ def atoms_stats_cmd(store, sae_id, png, csv_path, show) -> None:
     from spg_dist.store import Store
     from spg_dist.store.atoms import atom_stats
 
+    store = store_path(store, cluster=False)
+    check_sae(store, sae_id)
     stats = atom_stats(Store(store), sae_id)
     cols = ["atom", "count", "frequency", "mean_activation", "n_categories", "category_entropy", "top_category"]
     click.echo(stats.sort_values("count", ascending=False)[cols].head(show).to_string(index=False))
     fired = stats["count"] > 0
-    click.echo(f"{int(fired.sum())} of {len(stats)} atoms fire; median entropy of firing atoms "
+    click.echo(f"{int(fired.sum())} of {len(stats)} atoms fire on the encoded images "
+               f"({int((~fired).sum())} never fired on them); median entropy of firing atoms "
                f"{stats.loc[fired, 'category_entropy'].median():.3f}")
+    dead = stats.attrs.get("training_dead")
+    click.echo(f"dead (not fired in the last {dead['dead_tokens']:,} training tokens): {dead['n_dead']} of "
+               f"{len(stats)} ({100 * dead['dead_fraction']:.1f}%), as stored with the SAE" if dead else
+               "dead: not recorded for this SAE (registered before the record was stored)")
     if csv_path:
         stats.to_csv(csv_path, index=False)
         click.echo(f"csv: {csv_path}")

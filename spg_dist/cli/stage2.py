@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from spg_dist.cli.base import DEFAULT_STORE, _apply, _str_list, main
+from spg_dist.cli.base import (DEFAULT_STORE, _apply, _str_list, check_datasets, check_detector, check_guides,
+                               check_sae, main, on_cluster, run_options, start_ray, store_path)
 
 
 def train_guides_options(f):
@@ -32,6 +33,7 @@ def train_guides_options(f):
                      help="Warm the EMA up (min(0.999, (1+t)/(10+t))) instead of the paper's plain 0.999 EMA. "
                           "Default: the preset's (paper: off, classical: on)."),
         click.option("--mask-size", type=int, default=None, help="Mask resolution for the loss (default grid x 4)."),
+        *run_options(in_process=True),
     ]
     return _apply(opts, f)
 
@@ -39,7 +41,7 @@ def train_guides_options(f):
 @main.command("train-guides")
 @train_guides_options
 def train_guides_cmd(store, sae_id, aux, preset, steps, lr, temperature, nonneg, k_g, subtract_b_pre, ema_warmup,
-                     mask_size) -> None:
+                     mask_size, address, num_cpus, quiet, verbose) -> None:
     """Stage 2: learn normal/anomaly guides over a frozen SAE's dictionary on an auxiliary dataset with masks, and
     register them in the guides table (re-running the same settings returns the stored guides)."""
     import dataclasses
@@ -47,6 +49,9 @@ def train_guides_cmd(store, sae_id, aux, preset, steps, lr, temperature, nonneg,
     from spg_dist.guides import GuideConfig
     from spg_dist.stages.guides import train_guides
 
+    store = store_path(store, on_cluster(address))
+    check_sae(store, sae_id)
+    check_datasets(store, aux, "--aux")
     cfg = GuideConfig.preset(preset)
     overrides = {k: v for k, v in dict(steps=steps, lr=lr, temperature=temperature, nonneg=nonneg, k_g=k_g,
                                        subtract_b_pre=subtract_b_pre, ema_warmup=ema_warmup).items()
@@ -74,6 +79,11 @@ def report_options() -> list:
         click.option("--taus", default=None,
                      help="Comma list of τ, e.g. 0.01,0.05,0.1,0.5: image AUROC/AP of lse:τ pooling against τ."),
     ]
+
+
+def _echo(quiet: bool):
+    """Progress lines of a stage: shown unless -q."""
+    return (lambda _line: None) if quiet else click.echo
 
 
 def _taus(value: str | None):
@@ -119,6 +129,7 @@ def evaluate_options(f):
         click.option("--target", "target_dataset", required=True, help="Target dataset name (zero-shot)."),
         click.option("--pooling", default="max", show_default=True, help="Image score: max, mean or lse:TAU."),
         *report_options(),
+        *run_options(in_process=True),
     ]
     return _apply(opts, f)
 
@@ -126,7 +137,7 @@ def evaluate_options(f):
 @main.command("evaluate")
 @evaluate_options
 def evaluate_cmd(store, guide_id, target_dataset, pooling, resolution, run, allow_overlap, report_dir, overlays,
-                 taus) -> None:
+                 taus, address, num_cpus, quiet, verbose) -> None:
     """Zero-shot evaluation of stored guides on a target dataset (SPG through the same loop as every detector:
     `spg detect --method spg --param guides=ID`): image AUROC/AP, pixel AUROC, AUPRO per category and their mean,
     written to eval_results; optionally a report folder and a τ sweep of lse pooling."""
@@ -137,9 +148,14 @@ def evaluate_cmd(store, guide_id, target_dataset, pooling, resolution, run, allo
         parse_pooling(pooling)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--pooling") from None
+    store = store_path(store, on_cluster(address))
+    check_guides(store, guide_id)
+    check_datasets(store, [target_dataset], "--target")
+    start_ray(address, num_cpus, verbose)
     result = detect(store, "spg", target_dataset, params={"guides": guide_id, "pooling": pooling},
                     resolution=resolution, run=run, allow_overlap=allow_overlap, report_dir=report_dir,
-                    overlays=overlays, taus=_taus(taus), echo=click.echo)
+                    overlays=overlays, taus=_taus(taus), address=address, num_cpus=num_cpus,
+                    echo=_echo(quiet))
     echo_result(result)
 
 
@@ -175,8 +191,7 @@ def detect_options(f):
         click.option("--workers", type=int, default=1, show_default=True,
                      help="Ray Train workers for detectors that train (foundad); 1 trains in this process."),
         click.option("--device", default="cpu", show_default=True, help="Torch device for scoring."),
-        click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)."),
-        click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)."),
+        *run_options(),
     ]
     return _apply(opts, f)
 
@@ -184,16 +199,21 @@ def detect_options(f):
 @main.command("detect")
 @detect_options
 def detect_cmd(store, method, target, aux, shots, backbone, params, resolution, run, allow_overlap, report_dir,
-               overlays, taus, workers, device, address, num_cpus) -> None:
+               overlays, taus, workers, device, address, num_cpus, quiet, verbose) -> None:
     """Run any registered detector on the stored tokens of a target dataset with the one evaluation loop (the same
     maps, masks, resolution and metrics for every method) and write its eval_results rows. Trainable detectors
     reuse weights already fitted on the same data."""
     from spg_dist.stages.detect import detect
 
+    store = store_path(store, on_cluster(address))
+    check_detector(method)
+    check_datasets(store, [target], "--target")
+    check_datasets(store, aux, "--aux")
+    start_ray(address, num_cpus, verbose)
     result = detect(store, method, target, backbone=backbone, aux=aux, shots=shots, params=params,
                     resolution=resolution, run=run, allow_overlap=allow_overlap, report_dir=report_dir,
                     overlays=overlays, taus=_taus(taus), device=device, workers=workers, address=address,
-                    num_cpus=num_cpus, echo=click.echo)
+                    num_cpus=num_cpus, echo=_echo(quiet))
     echo_result(result)
 
 

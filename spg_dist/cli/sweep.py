@@ -6,7 +6,8 @@ import json
 
 import click
 
-from spg_dist.cli.base import DEFAULT_STORE, _apply, main
+from spg_dist.cli.base import (DEFAULT_STORE, _apply, local_path, main, on_cluster, run_options,
+                               start_ray, store_path, weights_path)
 
 
 def sweep_options(f):
@@ -18,9 +19,7 @@ def sweep_options(f):
                      help=f"Store URI (default: the config's store:, else {DEFAULT_STORE})."),
         click.option("--dry-run", is_flag=True, help="Print the resolved plan (every trial) as JSON and exit."),
         click.option("--no-retry-failed", is_flag=True, help="Leave failed trials as they are (default: retry them)."),
-        click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)."),
-        click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)."),
-        click.option("--quiet", is_flag=True, help="No progress bar."),
+        *run_options(),
     ]
     return _apply(opts, f)
 
@@ -28,7 +27,8 @@ def sweep_options(f):
 @main.group("sweep", invoke_without_command=True)
 @sweep_options
 @click.pass_context
-def sweep_group(ctx: click.Context, config_path, store, dry_run, no_retry_failed, address, num_cpus, quiet) -> None:
+def sweep_group(ctx: click.Context, config_path, store, dry_run, no_retry_failed, address, num_cpus, quiet,
+                verbose) -> None:
     """Run a grid of trials (backbones x layers x C x k x guides x pooling x directions x seeds x detectors)
     concurrently on Ray, shared work done once; a re-run skips finished trials and retries failed ones.
     `spg sweep --config FILE` runs; `spg sweep report SWEEP_ID` draws the tables and figures."""
@@ -36,19 +36,19 @@ def sweep_group(ctx: click.Context, config_path, store, dry_run, no_retry_failed
         return
     if not config_path:
         raise click.UsageError("pass --config FILE.yaml (or a subcommand: report SWEEP_ID)")
-    run_sweep_command(config_path, store, dry_run, no_retry_failed, address, num_cpus, quiet)
+    run_sweep_command(config_path, store, dry_run, no_retry_failed, address, num_cpus, quiet, verbose)
 
 
-@click.command("sweep")
+@click.command("sweep", cls=type(main).command_class)
 @sweep_options
-def sweep_cmd(config_path, store, dry_run, no_retry_failed, address, num_cpus, quiet) -> None:
+def sweep_cmd(config_path, store, dry_run, no_retry_failed, address, num_cpus, quiet, verbose) -> None:
     """Run every unfinished trial of a sweep config (the job twin of `spg sweep --config`)."""
     if not config_path:
         raise click.UsageError("pass --config FILE.yaml")
-    run_sweep_command(config_path, store, dry_run, no_retry_failed, address, num_cpus, quiet)
+    run_sweep_command(config_path, store, dry_run, no_retry_failed, address, num_cpus, quiet, verbose)
 
 
-def run_sweep_command(config_path, store, dry_run, no_retry_failed, address, num_cpus, quiet) -> None:
+def run_sweep_command(config_path, store, dry_run, no_retry_failed, address, num_cpus, quiet, verbose=False) -> None:
     from spg_dist.stages.plans import load_sweep
 
     plan = load_sweep(config_path)
@@ -57,7 +57,11 @@ def run_sweep_command(config_path, store, dry_run, no_retry_failed, address, num
         return
     from spg_dist.ray.sweep import run_sweep
 
-    result = run_sweep(store or plan.store or DEFAULT_STORE, plan, address=address, num_cpus=num_cpus,
+    cluster = on_cluster(address)
+    store = store_path(store or plan.store or DEFAULT_STORE, cluster, must_exist=False,
+                       option="--store" if store else "store: (of the config)")
+    start_ray(address, num_cpus, verbose)
+    result = run_sweep(store, plan, address=address, num_cpus=num_cpus,
                        retry_failed=not no_retry_failed, echo=click.echo, progress=not quiet)
     for tid, err in sorted(result.errors.items()):
         click.echo(f"failed {tid}: {err}", err=True)
@@ -74,6 +78,7 @@ def sweep_report_cmd(sweep_id, store, out) -> None:
     image AUROC/AP against τ, metrics per backbone, metrics against total guide sparsity."""
     from spg_dist.stages.sweep_report import report
 
+    store = store_path(store, cluster=False)
     paths = report(store, sweep_id, out or f"sweep_reports/{sweep_id}")
     click.echo(paths["table"])
     for key, value in paths.items():
@@ -83,11 +88,16 @@ def sweep_report_cmd(sweep_id, store, out) -> None:
             click.echo(f"{key}: {v}")
 
 
+def _run_options(f):
+    return _apply(run_options(), f)
+
+
 @main.command("reproduce")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="Reproduction plan: configs/paper.yaml (the paper's settings) or configs/paper-demo.yaml.")
 @click.option("--data", "data", multiple=True,
-              help="NAME=PATH of a dataset the plan names (mvtec=/data/mvtec_ad, visa=/data/visa); repeatable.")
+              help="NAME=PATH: the folder on disk of the dataset the plan calls NAME (its layout comes from the plan; "
+                   "this is not a stored dataset name), e.g. mvtec=/data/mvtec_ad, visa=/data/visa; repeatable.")
 @click.option("--weights", "weights", multiple=True,
               help="BACKBONE=PATH of local weights for a backbone of the plan (dinov3-vitl16=/models/dinov3); "
                    "repeatable.")
@@ -96,18 +106,27 @@ def sweep_report_cmd(sweep_id, store, out) -> None:
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Folder for the tables (CSV/Markdown; default: reproduce_out/<plan name>).")
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan (every setting) and its estimated cost.")
-@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray).")
-@click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def reproduce_cmd(config_path, data, weights, seeds, store, out, dry_run, address, num_cpus, quiet) -> None:
+@_run_options
+def reproduce_cmd(config_path, data, weights, seeds, store, out, dry_run, address, num_cpus, quiet, verbose) -> None:
     """Reproduce the paper's Table 1 and per-category tables with one command: extraction, Stage 1, Stage 2 and
     evaluation in both directions, mean ± std over seeds, beside the paper's numbers."""
     from spg_dist.stages.reproduce import load_reproduction, reproduce
 
+    cluster = on_cluster(address) and not dry_run
+
+    def pair(item: str, option: str, check) -> str:
+        name, sep, value = item.partition("=")
+        return f"{name}={check(value, f'{option} {name}')}" if sep and value else item
+
+    data = tuple(pair(d, "--data", lambda v, o: local_path(v, o, cluster)) for d in data)
+    weights = tuple(pair(w, "--weights", lambda v, o: weights_path(v, cluster, o)) for w in weights)
     plan = load_reproduction(config_path, data=data, weights=weights, seeds=seeds, store=store)
     if dry_run:
         click.echo(json.dumps(plan.describe(), indent=1, default=str))
         return
+    if cluster:
+        store_path(plan.store, cluster, must_exist=False, option="--store" if store else "store: (of the plan)")
+    start_ray(address, num_cpus, verbose)
     result = reproduce(plan, out=out, address=address, num_cpus=num_cpus, echo=click.echo, progress=not quiet)
     click.echo(result.table1_text)
     for path in result.files:

@@ -1,4 +1,4 @@
-"""Image- and pixel-level detection metrics, as the field reports them (SPG.md "Metrics").
+"""Image- and pixel-level detection metrics, as the field reports them (the paper's "Metrics").
 
 Definitions followed:
 

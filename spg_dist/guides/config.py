@@ -1,4 +1,4 @@
-"""Stage 2 settings (SPG.md "Stage 2: guides"): the paper's defaults, and the preset that works on the offline
+"""Stage 2 settings (the paper's "Stage 2: guides"): the paper's defaults, and the preset that works on the offline
 classical encoder (issue 5). A config round-trips through JSON exactly and is stored with every guide pair."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ as the behaviour it was trained with (the dataclass defaults are the paper's).""
 
 @dataclass(frozen=True)
 class GuideConfig:
-    """One guide training run. The defaults are the paper's (SPG.md "Stage 2"), = :meth:`preset` ``("paper")``."""
+    """One guide training run. The defaults are the paper's (the paper's Stage 2), = :meth:`preset` ``("paper")``."""
 
     nonneg: str = "relu"  # relu (+ L1 keeps the active sets small) | topk (k_g largest coefficients)
     k_g: int | None = None  # with nonneg="topk"

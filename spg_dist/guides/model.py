@@ -1,6 +1,6 @@
 """Guides: two non-negative coefficient vectors over the frozen SAE dictionary, and the per-patch scoring rule.
 
-``g = D z̃`` with ``z̃ = ReLU(z̄)`` (or TopK), ``ℓ = cos(f, g)``, ``p_A = softmax(ℓ_N/T, ℓ_A/T)_A`` (SPG.md).
+``g = D z̃`` with ``z̃ = ReLU(z̄)`` (or TopK), ``ℓ = cos(f, g)``, ``p_A = softmax(ℓ_N/T, ℓ_A/T)_A``.
 The SAE is frozen; only ``z̄_N, z̄_A`` learn. Tokens are mapped into the SAE's input space by the SAE's own
 preprocessing (one function everywhere); Eq. 9 compares that vector with the guides as it is (the default), the
 ``subtract_b_pre`` option compares ``f - b_pre`` instead.

@@ -1,4 +1,4 @@
-"""From patch probabilities to anomaly maps and image scores (SPG.md): bilinear upsampling to the mask
+"""From patch probabilities to anomaly maps and image scores: bilinear upsampling to the mask
 resolution, and log-sum-exp pooling ``S_τ = τ log(mean exp(p/τ))`` (τ -> 0 is max pooling)."""
 
 from __future__ import annotations

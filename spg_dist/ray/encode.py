@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from spg_dist.sae import TopKSAE
 
 from spg_dist.errors import NoTokensError
+from spg_dist.ray.replan import ACTOR_ARGS, MAX_REPLANS, actor_args_allowed, alive_nodes, node_lost, note_replan, settle
 from spg_dist.store import Store, codes, load_schema, sae_models, tokens, tokens_from_arrow, write_fragment
 from spg_dist.store.tokens import TokenSelection
 
@@ -92,7 +93,11 @@ def encode(store: str | Store, sae_id: str, *, dataset: Sequence[str] | None = N
     """Encode every stored token (of the SAE's backbone/layer, optionally filtered) with SAE ``sae_id`` that has
     no sae_codes row yet, then bring atom_images / atom_top up to date with all of the SAE's sae_codes (top
     ``top_n`` per atom and scope; ``rebuild_atoms`` rebuilds them even when current). ``hook("committed")``
-    runs after each sae_codes commit (fault injection in tests); ``on_images(n)`` after every n images encoded."""
+    runs after each sae_codes commit (fault injection in tests); ``on_images(n)`` after every n images encoded.
+
+    Nothing left to encode: no Ray is started (the atom tables are still brought up to date). Interrupted (Ctrl-C,
+    a failed task): the sae_codes fragments already written are committed before the exception propagates, and
+    the atom tables, rebuilt from all of the SAE's codes by the next run, are never left short."""
     t0 = time.perf_counter()
     store = store if isinstance(store, Store) else Store(store)
     row = sae_models.get(store, sae_id)
@@ -108,10 +113,25 @@ def encode(store: str | Store, sae_id: str, *, dataset: Sequence[str] | None = N
     done = codes.encoded_image_ids(store, sae_id) & all_ids
     todo = sorted(all_ids - done)
     result = EncodeResult(sae_id, 0, len(done), 0, 0.0, top_n)
-    if todo:
-        _encode_images(store, sae_id, row, sel, todo, bool(done), result, batch_size=batch_size,
-                       num_actors=num_actors, use_gpu=use_gpu, commit_every_s=commit_every_s, address=address,
-                       num_cpus=num_cpus, progress=progress, hook=hook, on_images=on_images)
+    for replan in range(MAX_REPLANS + 1):
+        if not todo:
+            break
+        from spg_dist.ray.runtime import ensure_ray
+
+        ensure_ray(address, num_cpus)
+        alive = alive_nodes()  # before this run: the count a lost node lowers
+        try:
+            _encode_images(store, sae_id, row, sel, todo, bool(done), result, batch_size=batch_size,
+                           num_actors=num_actors, use_gpu=use_gpu, commit_every_s=commit_every_s, address=address,
+                           num_cpus=num_cpus, progress=progress, hook=hook, on_images=on_images)
+            break
+        except Exception as e:  # a lost node: what was written is committed; encode what is left on the nodes alive
+            if not node_lost(e) or replan == MAX_REPLANS:
+                raise
+            settle(alive)
+            done = codes.encoded_image_ids(store, sae_id) & all_ids
+            todo = sorted(all_ids - done)
+            note_replan(f"encode {sae_id}", e, len(todo), replan + 1)
     result.build = codes.build_atoms(store, sae_id, top_n=top_n, force=rebuild_atoms, C=row.get("C"))
     result.seconds = time.perf_counter() - t0
     return result
@@ -131,11 +151,12 @@ def _encode_images(store: Store, sae_id: str, row: dict, sel: TokenSelection, to
     flt = sel.where() if not partial else TokenSelection.of(sel.backbone, sel.layer, image_ids=todo).where()
     ds = lance_ray.read_lance(tokens.lance_uri(store), columns=[*META, "grid_h", "grid_w", "dim", "tokens"],
                               filter=flt, storage_options=store.storage_options)
-    ds = ds.map_batches(SAEEncodeActor, fn_constructor_kwargs=dict(weights=row["weights"], sae_id=sae_id,
-                                                                   device="cuda" if gpu else "cpu"),
-                        batch_size=batch_size, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=num_actors),
-                        **({"num_gpus": 1} if gpu else {"num_cpus": 1}))
+    with actor_args_allowed():
+        ds = ds.map_batches(SAEEncodeActor, fn_constructor_kwargs=dict(weights=row["weights"], sae_id=sae_id,
+                                                                       device="cuda" if gpu else "cpu"),
+                            batch_size=batch_size, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=num_actors), **ACTOR_ARGS,
+                            **({"num_gpus": 1} if gpu else {"num_cpus": 1}))
     ds = ds.map_batches(write_codes_batch, fn_kwargs=dict(codes_uri=codes.lance_uri(store),
                                                           storage_options=store.storage_options),
                         batch_size=batch_size * 4, batch_format="pyarrow", num_cpus=0.5)
@@ -163,9 +184,11 @@ def _encode_images(store: Store, sae_id: str, row: dict, sel: TokenSelection, to
                     on_images(meta["images"])
             if time.monotonic() - last >= commit_every_s:
                 commit()
-        commit()
     finally:
-        bar.close()
+        try:
+            commit()  # on Ctrl-C or a failed task too: the codes already written are kept, a re-run does the rest
+        finally:
+            bar.close()
 
 
 __all__ = ["EncodeResult", "SAEEncodeActor", "encode", "write_codes_batch"]

@@ -1,4 +1,4 @@
-"""How stored tokens reach the SAE trainer (DESIGN.md): a worker's shard held in (device) memory when it fits,
+"""How stored tokens reach the SAE trainer: a worker's shard held in (device) memory when it fits,
 streamed through Ray Data with a local shuffle buffer when it does not.
 
 Shards are assigned by a stable hash of ``image_id``, so every worker sees whole images and the same images
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from spg_dist.errors import NoTokensError
 from spg_dist.sae.preprocess import Preprocessing
@@ -55,6 +56,13 @@ def _read_shard(store: Store, flt: TokenSelection, rank: int, world: int) -> tup
     One multi-threaded Lance scan and one flatten: per-batch Python work cost 3x the read itself.
     """
     tbl = tokens.scan(store, flt, ["image_id", "tokens", "dim", "grid_h", "grid_w"])
+    # The store's row order is the order Ray Data's writers happened to finish in (preserve_order is off), so it
+    # differs from run to run; the shuffle, the init sample and the preprocessing fit index rows by position: put
+    # them in image_id order first, so a seed gives the same SAE whatever order the rows were written in.
+    ids = tbl.column("image_id")
+    order = pc.sort_indices(ids)
+    if not pc.all(pc.equal(order, pa.array(np.arange(len(ids), dtype=np.uint64)))).as_py():
+        tbl = tbl.take(order)
     if world > 1:
         mine = [owner(i, world) == rank for i in tbl.column("image_id").to_pylist()]
         tbl = tbl.filter(pa.array(mine))

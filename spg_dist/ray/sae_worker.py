@@ -20,6 +20,7 @@ import tempfile
 import time
 from typing import Any, Callable, Iterator
 
+from spg_dist.ray.progress import emit
 from spg_dist.ray.sae_data import load_shard, memory_batches
 from spg_dist.sae import MultiSAETrainer, NonFiniteLossError, Preprocessing, SAEConfig, TrainConfig
 from spg_dist.sae.checkpoint import load_checkpoint, read_meta, save_checkpoint
@@ -30,6 +31,24 @@ POSITION_FILE = "position.json"
 NONFINITE_FILE = "nonfinite.json"
 CHECKPOINT_PREFIX = "checkpoint_"
 LOG_PREFIX = "[spg]"
+PROGRESS_PERIOD_S = 10.0  # a progress line at least this often, whatever --log-every
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def progress_line(run: str, step: int, total: int, tokens_per_s: float, eta_s: float | None, configs: list,
+                  metrics: list[dict]) -> str:
+    """One line of training progress: step, tokens/s, ETA, and per SAE its loss, NMSE, L0 and dead fraction (the
+    tracker's, as stored with the model)."""
+    eta = _duration(eta_s) if eta_s is not None else "?"
+    return (f"[train-sae] {run} step {step}/{total} ({100 * step / max(total, 1):.0f}%) {tokens_per_s:,.0f} tokens/s "
+            f"ETA {eta} | " + " | ".join(
+                f"{c.name}: loss {m['loss']:.4g} nmse {m['nmse']:.3f} L0 {m['l0']:.1f} dead "
+                f"{100 * m['dead_fraction']:.1f}%" for c, m in zip(configs, metrics)))
 
 
 class WorkerContext:
@@ -51,7 +70,7 @@ class WorkerContext:
         raise NotImplementedError
 
     def stream(self):
-        raise NotImplementedError("streamed data needs Ray Train (data_mode=stream, engine=ray-train)")
+        raise NotImplementedError("--data-mode stream needs --engine ray-train")
 
     def wrap(self) -> Callable | None:
         return None
@@ -223,6 +242,13 @@ def run_worker(config: dict, ctx: WorkerContext) -> None:
     import torch
 
     rank, world = ctx.rank, ctx.world
+    channel = config.get("progress_channel")
+    show = config.get("progress", True) and rank == 0
+
+    def say(line: str) -> None:
+        if show:
+            emit(channel, line)
+
     device = ctx.device(config["use_gpu"])
     store = Store(config["store"], storage_options=config.get("storage_options"))
     flt = TokenSelection.from_dict(config["filter"])
@@ -246,8 +272,7 @@ def run_worker(config: dict, ctx: WorkerContext) -> None:
             position = json.loads(open(os.path.join(d, POSITION_FILE)).read())
     if position["step"]:
         position["resumed_from"] = position["step"]
-        if rank == 0:
-            print(f"{LOG_PREFIX} resumed {config['run_name']} from step {position['step']}", flush=True)
+        say(f"{LOG_PREFIX} resumed {config['run_name']} from step {position['step']}")
     else:
         pick = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(train_cfg.seed))[:65536] \
             if tokens is not None else None  # a spread of images, not the first few
@@ -255,10 +280,14 @@ def run_worker(config: dict, ctx: WorkerContext) -> None:
             batch_size=min(65536, per_worker_batch * 4), dtypes=torch.float32)))["x"]
         trainer.init_from_sample(sample.to(device).float(), preprocessed=True)
 
+    held = f"{tokens.shape[0]:,} tokens in {'GPU' if device.type == 'cuda' else 'CPU'} memory" if tokens is not None \
+        else "streamed tokens"
+    say(f"[train-sae] {config['run_name']}: rank 0 of {world} ready ({held}), training from step {position['step']}")
     trainer.wrap(ctx.wrap())
     fired_reduce = ctx.fired_reduce()
     history: list[dict] = position.get("history", [])
     step, t0, resumed_from = position["step"], time.perf_counter(), position.get("resumed_from", 0)
+    last_said = t0
     epoch, batch_idx = position["epoch"], position["batch"]
 
     def checkpoint(metrics: dict, final: bool = False) -> None:
@@ -291,16 +320,18 @@ def run_worker(config: dict, ctx: WorkerContext) -> None:
                 step, batch_idx = step + 1, batch_idx + 1
                 if step == config.get("fault_at_step") and rank == 0:
                     _inject_fault_once(config["run_dir"])
-                if step % config["log_every"] == 0 or step == total:
-                    elapsed = max(time.perf_counter() - t0, 1e-9)
-                    summary = {"step": step, "tokens": step * train_cfg.batch_tokens,
-                               "tokens_per_s": (step - resumed_from) * train_cfg.batch_tokens / elapsed,
-                               "saes": last, "peak_rss_mb": peak_rss_mb()}
-                    history.append(summary)
-                    if rank == 0:
-                        print(f"{LOG_PREFIX} step {step}/{total} " + " | ".join(
-                            f"{c.name}: nmse {m['nmse']:.3f} L0 {m['l0']:.1f} dead {100 * m['dead_fraction']:.1f}%"
-                            for c, m in zip(configs, last)), flush=True)
+                logged = step % config["log_every"] == 0 or step == total
+                now = time.perf_counter()
+                if logged or now - last_said >= PROGRESS_PERIOD_S:
+                    elapsed = max(now - t0, 1e-9)
+                    rate = (step - resumed_from) / elapsed  # steps/s of this attempt
+                    tokens_per_s = rate * train_cfg.batch_tokens
+                    if logged:  # the curve stored with the model: at --log-every steps only, the same on every run
+                        history.append({"step": step, "tokens": step * train_cfg.batch_tokens,
+                                        "tokens_per_s": tokens_per_s, "saes": last, "peak_rss_mb": peak_rss_mb()})
+                    say(progress_line(config["run_name"], step, total, tokens_per_s,
+                                      (total - step) / rate if rate > 0 else None, configs, last))
+                    last_said = now
                 if step % config["checkpoint_every"] == 0 and step < total:
                     checkpoint({"step": step})
             else:

@@ -132,7 +132,6 @@ def run_sweep(store: Store | str, plan: SweepPlan, *, address: str | None = None
     ensure_ray(address, num_cpus)
     check_resources(plan)
     prepare(store, plan, echo, address, num_cpus)
-    import ray
     from tqdm.auto import tqdm
 
     groups: dict[str, list[Trial]] = {}
@@ -146,6 +145,17 @@ def run_sweep(store: Store | str, plan: SweepPlan, *, address: str | None = None
                             for t in g]): gid for gid, g in groups.items()}
     result = SweepResult(plan.name, len(trials), 0, 0, skipped, 0.0, nodes)
     bar = tqdm(total=len(todo), unit="trial", desc=f"sweep {plan.name}", disable=not progress)
+    try:
+        _collect_groups(store, plan, groups, pending, result, bar)
+    finally:  # Ctrl-C: every trial finished so far is in sweep_trials already; a re-run does the rest
+        bar.close()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _collect_groups(store: Store, plan: SweepPlan, groups: dict, pending: dict, result: SweepResult, bar) -> None:
+    import ray
+
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         ref = ready[0]
@@ -165,9 +175,6 @@ def run_sweep(store: Store | str, plan: SweepPlan, *, address: str | None = None
                 result.failed += 1
                 result.errors[tid] = o.get("error", "")
             bar.update()
-    bar.close()
-    result.seconds = time.perf_counter() - t0
-    return result
 
 
 def _group_fn(store_uri: str, storage_options: dict | None, sweep_id: str, plan_dict: dict, trials: list[dict]

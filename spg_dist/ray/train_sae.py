@@ -20,7 +20,7 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from spg_dist.errors import NoTokensError
 from spg_dist.ray.sae_data import TokenStats, load_images, owner, stream_dataset, token_stats
@@ -131,6 +131,7 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
                run_name: str | None = None, storage_path: str | None = None, max_failures: int = 0,
                shuffle_buffer: int = 65536, address: str | None = None, num_cpus: int | None = None,
                batch_images: int | None = None, all_datasets: bool = False, engine: str = "ray-train",
+               progress: bool = True, echo: Callable[[str], None] | None = None,
                _fault_at_step: int | None = None) -> TrainSAEResult:
     """Train the (C, k, sparsifier) grid on stored tokens and register every SAE in ``sae_models``.
 
@@ -143,12 +144,18 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
     and so whether an evaluation is zero-shot, would be ambiguous), unless ``all_datasets``. ``engine``:
     ``ray-train`` (a ``TorchTrainer``, DDP over ``workers``) or ``local`` (this process, one worker: what sweep
     trials use on their node).
+
+    ``progress``: a line per ``log_every`` steps, and at least every 10 s, from the workers (step, tokens/s, ETA, and
+    per SAE loss, NMSE, L0 and dead fraction), printed on the driver with ``echo`` (default stderr) as they come.
+    A run registered before with this exact configuration returns at once (``reused``) without starting Ray.
+    Interrupted (Ctrl-C), the run keeps its checkpoints (written whole by rank 0 every ``checkpoint_every`` steps)
+    and registers nothing: the same command resumes from the newest one.
     """
     t0 = time.perf_counter()
     if engine not in ("ray-train", "local"):
         raise SAEConfigError(f"engine must be ray-train or local, not {engine!r}")
     if engine == "local" and workers != 1:
-        raise SAEConfigError("engine local trains in one process: use workers=1 (or engine ray-train for DDP)")
+        raise SAEConfigError("engine local trains in one process: use --workers 1 (or --engine ray-train for DDP)")
     check_run_name(run_name)
     check_storage_path(storage_path)
     store = store if isinstance(store, Store) else Store(store)
@@ -158,7 +165,7 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
     seen = sorted(set(ids.column("dataset").to_pylist()))
     if not dataset and len(seen) > 1 and not all_datasets:
         raise SAEConfigError(f"the store holds {backbone} layer {layer} tokens of {len(seen)} datasets "
-                             f"({', '.join(seen)}): pass --dataset with the auxiliary one(s) to train on, so "
+                             f"({', '.join(seen)}): pass --aux with the auxiliary one(s) to train on, so "
                              f"evaluation can check zero-shot (or --all-datasets to train on all of them)")
     stats = token_stats(ids, flt)
     if batch_images:
@@ -201,7 +208,7 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
 
     loop_config = dict(asdict(spec), run_name=name, run_dir=run_dir, steps_per_epoch=steps_per_epoch,
                        total_steps=total, shuffle_buffer=shuffle_buffer, fault_at_step=_fault_at_step,
-                       storage_options=store.storage_options)
+                       storage_options=store.storage_options, progress=progress)
     if engine == "local":
         if data_mode == "stream":
             raise SAEConfigError("engine local holds the tokens in memory; data_mode stream needs engine ray-train")
@@ -213,23 +220,19 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
         models = register(store, final, spec, name, run_dir, total)
         return TrainSAEResult(name, run_dir, models, seconds=time.perf_counter() - t0)
 
-    import ray
-    import ray.train
     from ray.train.torch import TorchTrainer
 
+    from spg_dist.ray.progress import relay
     from spg_dist.ray.runtime import ensure_ray
 
+    if progress:
+        (echo or _stderr)(f"[train-sae] {name}: {total} steps of {batch_tokens:,} tokens, {len(configs)} SAE(s), "
+                          f"{workers} worker(s), {data_mode} data; starting Ray Train")
     ensure_ray(address, num_cpus)
     datasets = {"train": stream_dataset(store, flt, pre)} if data_mode == "stream" else None
-    trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_config, datasets=datasets,
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                               resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=name, storage_path=storage,
-                                       failure_config=ray.train.FailureConfig(max_failures=max_failures),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"))
-    result = trainer.fit()
+    with relay(echo, enabled=progress) as channel:
+        result = _fit(TorchTrainer, dict(loop_config, progress_channel=channel), datasets, name, storage, workers,
+                      use_gpu, cpus_per_worker, max_failures)
     if os.path.exists(nonfinite):
         info = json.loads(open(nonfinite).read())
         latest = result.checkpoint.path if result.checkpoint else "none (no step finished before it)"
@@ -238,6 +241,28 @@ def train_saes(store: str | Store, backbone: str, layer: int = -1, *, Cs: Sequen
         raise RuntimeError(f"training run {name} produced no checkpoint")
     models = register(store, result.checkpoint, spec, name, run_dir, total)
     return TrainSAEResult(name, run_dir, models, seconds=time.perf_counter() - t0)
+
+
+def _fit(TorchTrainer, loop_config: dict, datasets, name: str, storage: str, workers: int, use_gpu: bool,
+         cpus_per_worker: float, max_failures: int):
+    import ray.train
+    import ray.train.torch
+
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_config, datasets=datasets,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                               resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage,
+                                       failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"))
+    return trainer.fit()
+
+
+def _stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -280,11 +305,14 @@ def register(store: Store, checkpoint, spec: SAERunSpec, run: str, run_dir: str,
                                "workers": spec.workers, "epochs": spec.epochs, "token_budget": spec.token_budget,
                                "resumed_from_step": position.get("resumed_from", 0)}),
             metrics=json.dumps({"final": final, "curve": [{"step": h["step"], **h["saes"][i]} for h in history],
-                                "worker_peak_rss_mb": max((h.get("peak_rss_mb", 0.0) for h in history), default=0.0)}),
+                                "worker_peak_rss_mb": max((h.get("peak_rss_mb", 0.0) for h in history), default=0.0),
+                                "latents": tracker.record()}),
             nmse=float(final.get("nmse", float("nan"))), explained_variance=float(final.get("explained_variance", float("nan"))),
-            l0=float(final.get("l0", float("nan"))), dead_fraction=float(tracker.dead_fraction(cfg.dead_tokens)),
+            l0=float(final.get("l0", float("nan"))), dead_fraction=tracker.dead_fraction(),
             steps=int(position["step"]), tokens_seen=tokens_seen, weights=sae.to_bytes(),
-            firing_histogram_png=firing_frequency_histogram_png(tracker.fire_counts, tracker.tokens_observed),
+            firing_histogram_png=firing_frequency_histogram_png(
+                tracker.fire_counts, tracker.tokens_observed, dead=tracker.dead_mask(), dead_tokens=tracker.dead_tokens,
+                title=f"SAE C={cfg.C} k={cfg.k}"),
             run_dir=run_dir, created_at=now))
     sae_models.upsert(store, rows)
     return [{k: v for k, v in r.items() if k not in ("weights", "firing_histogram_png")} for r in rows]

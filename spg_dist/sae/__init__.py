@@ -8,7 +8,7 @@ Modules, one job each:
   initializers random unit-norm atoms, geometric median
   model        TopKSAE (+ SAEOutput), safetensors save/load
   tracker      DeadLatentTracker (dead latents, firing counts, merging across workers)
-  metrics      nmse, explained_variance, l0, firing-frequency histogram PNG
+  metrics      nmse, explained_variance, l0, firing-frequency histogram (counts and PNG)
   multi        MultiSAE: the SAEs of one pass as one module (what DDP wraps)
   trainer      MultiSAETrainer (several SAEs, one pass), NonFiniteLossError
   checkpoint   trainer checkpoints as safetensors + JSON

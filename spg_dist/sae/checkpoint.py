@@ -91,6 +91,39 @@ def load_checkpoint(directory: str | os.PathLike, trainer: MultiSAETrainer | Non
     return trainer
 
 
+def latent_record_from_run(run_dir: str | os.PathLike, sae_config: Any, steps: int | None = None) -> dict | None:
+    """``DeadLatentTracker.record()`` of the SAE with config ``sae_config`` (dict or SAEConfig) as the newest
+    checkpoint of a local ``run_dir`` holds it (at ``steps`` when given), reading only the tracker tensors; the
+    threshold is the run's (TrainConfig override, else the SAE's). None when no such checkpoint is readable here
+    (remote run_dir, pruned or other checkpoints): for SAEs registered before the record was stored with them."""
+    from spg_dist.sae.tracker import DeadLatentTracker
+
+    try:
+        folders = [f for f in Path(run_dir).iterdir() if (f / TRAINER_JSON).is_file()]
+    except OSError:
+        return None
+    found = []
+    for folder in folders:
+        try:
+            meta = read_meta(folder)
+            i = next(j for j, c in enumerate(meta["configs"]) if not config_diff(c, sae_config))
+        except (OSError, ValueError, KeyError, StopIteration, SAEConfigError):
+            continue
+        if steps is None or int(meta["steps"][i]) == int(steps):
+            found.append((int(meta["steps"][i]), str(folder), meta, i))
+    for _, folder, meta, i in sorted(found, reverse=True):
+        try:
+            tensors, _ = serialization.load_file(Path(folder) / meta["files"]["state"])
+            cfg = SAEConfig.from_dict(meta["configs"][i])
+            tracker = DeadLatentTracker(cfg.C, (meta.get("train") or {}).get("dead_tokens") or cfg.dead_tokens)
+            prefix = f"tracker.{i}."
+            tracker.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        except (OSError, ValueError, KeyError, RuntimeError):
+            continue
+        return tracker.record()
+    return None
+
+
 def load_sae(directory: str | os.PathLike, i: int, device: str | None = None) -> TopKSAE:
     """SAE ``i`` of a checkpoint as a standalone model."""
     return TopKSAE.load(Path(directory) / read_meta(directory)["files"]["saes"][i], device=device)

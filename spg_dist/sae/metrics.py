@@ -7,7 +7,6 @@ them to the host once.
 from __future__ import annotations
 
 import io
-import math
 
 import numpy as np
 import torch
@@ -42,44 +41,60 @@ def l0(values: Tensor) -> Tensor:
     return (v > 0).sum(-1).float().mean()
 
 
-def firing_frequency_histogram_png(counts: Tensor | np.ndarray, tokens: int, title: str | None = None,
-                                   bins: int = 50) -> bytes:
-    """PNG bytes of the histogram of ``log10(firing frequency)`` of the latents (``counts / tokens``).
+def firing_histogram_counts(counts: Tensor | np.ndarray, tokens: int, dead: Tensor | np.ndarray | None = None,
+                            bins: int = 50) -> dict:
+    """The firing-frequency histogram as JSON-able counts (what :meth:`DeadLatentTracker.record` stores).
 
-    Dead latents (count 0) have no logarithm; they are drawn as a separate red bar left of the axis range, and
-    their number and fraction are in the title, so a dead dictionary is visible at a glance. Uses the Agg canvas
-    directly (no pyplot global state: safe in worker threads and headless machines).
+    ``counts`` per latent over ``tokens`` observed tokens; ``dead`` (bool per latent, the one definition of
+    :mod:`spg_dist.sae.tracker`) splits each bin into alive / dead latents; without it no latent is called
+    dead (``"dead_known": False``). Latents that never fired have no logarithm and are counted apart.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    c = counts.detach().cpu().numpy() if isinstance(counts, Tensor) else np.asarray(counts)
-    c = c.astype(np.float64).reshape(-1)
-    n_total = c.size
-    alive = c[c > 0]
-    n_dead = int(n_total - alive.size)
-    fig = Figure(figsize=(6, 3.6), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    if alive.size:
-        logf = np.log10(alive / max(tokens, 1))
+    c = (counts.detach().cpu().numpy() if isinstance(counts, Tensor) else np.asarray(counts)).astype(np.int64).reshape(-1)
+    known = dead is not None
+    d = (np.zeros(c.size, bool) if dead is None else
+         np.asarray(dead.detach().cpu().numpy() if isinstance(dead, Tensor) else dead, bool).reshape(-1))
+    if d.size != c.size:
+        raise ValueError(f"dead mask has {d.size} latents, counts {c.size}")
+    fired = c > 0
+    freq = c / max(int(tokens), 1)
+    if fired.any():
+        logf = np.log10(freq[fired])
         lo, hi = float(logf.min()), float(logf.max())
         if hi - lo < 1e-6:
             lo, hi = lo - 0.5, hi + 0.5
-        ax.hist(logf, bins=bins, range=(lo, hi), color="tab:blue", label=f"alive ({alive.size})")
-        width = (hi - lo) / bins
-        dead_x = lo - 3 * width
     else:
-        lo, hi, width, dead_x = -1.0, 0.0, 0.1, -1.0
-    if n_dead:
-        ax.bar([dead_x], [n_dead], width=max(2 * width, 1e-3), color="tab:red", label=f"dead ({n_dead})")
-    ax.set_xlabel("log10 firing frequency (fires per token)")
-    ax.set_ylabel("latents")
-    frac = n_dead / n_total if n_total else math.nan
-    ax.set_title(f"{title + ': ' if title else ''}{n_total} latents, {tokens} tokens, "
-                 f"dead {n_dead} ({100 * frac:.1f}%)", fontsize=10)
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
+        lo, hi = -1.0, 0.0
+    edges = np.linspace(lo, hi, int(bins) + 1)
+    logall = np.log10(np.where(fired, freq, 1.0))
+    return {
+        "C": int(c.size),
+        "tokens_observed": int(tokens),
+        "dead_known": known,
+        "n_dead": int(d.sum()),
+        "n_never_fired": int((~fired).sum()),
+        "n_never_fired_dead": int((~fired & d).sum()),
+        "log10_freq_edges": [float(e) for e in edges],
+        "alive_counts": [int(x) for x in np.histogram(logall[fired & ~d], bins=edges)[0]],
+        "dead_counts": [int(x) for x in np.histogram(logall[fired & d], bins=edges)[0]],
+    }
+
+
+def firing_frequency_histogram_png(counts: Tensor | np.ndarray, tokens: int, title: str | None = None,
+                                   bins: int = 50, dead: Tensor | np.ndarray | None = None,
+                                   dead_tokens: int | None = None) -> bytes:
+    """PNG bytes of the histogram of the latents' firing frequency (``counts / tokens``, log-scale x).
+
+    ``dead`` (bool per latent, e.g. ``tracker.dead_mask()``) marks the dead latents by the one definition (not
+    fired in the last ``dead_tokens`` training tokens) in red; without it nothing is called dead, and latents
+    that never fired are counted as such. Drawn by :func:`spg_dist.viz.sae_figures.draw_firing_histogram` on an
+    Agg canvas (no pyplot global state: safe in worker threads and headless machines).
+    """
+    from spg_dist.viz.sae_figures import firing_histogram_figure
+
+    hist = firing_histogram_counts(counts, tokens, dead, bins)
+    if dead_tokens is not None:
+        hist["dead_tokens"] = int(dead_tokens)
+    fig = firing_histogram_figure(hist, title)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()

@@ -1,4 +1,4 @@
-"""Token preprocessing that travels with the model (DESIGN.md, "Token preprocessing travels with the model").
+"""Token preprocessing that travels with the model.
 
 Whatever is done to tokens before the SAE is recorded in the SAE's config and applied by ONE function,
 :meth:`Preprocessing.apply`, everywhere tokens are read for that SAE (training, encoding, guides, evaluation).

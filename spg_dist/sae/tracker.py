@@ -1,8 +1,11 @@
 """Dead-latent bookkeeping: how long since each latent last fired, and how often it fires.
 
 A latent is *dead* when it has not fired (been selected with a positive value) in the last ``dead_tokens``
-training tokens. Dead latents feed AuxK (model.py) and the reported dead fraction; firing counts feed the
-log-frequency histogram stored with each model.
+training tokens (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"). This is the one definition of
+"dead" in spg_dist: AuxK (model.py) uses it, the trainer logs it (the fraction after each step), and
+:meth:`DeadLatentTracker.record` stores it with the model (``sae_models.metrics["latents"]``), which the SAE
+figures and ``spg atoms stats`` read back. A latent that merely never fired on some set of *encoded* images is
+"silent" there, not dead. Firing counts feed the log-frequency histogram stored with each model.
 
 Clock semantics (what makes the distributed cases exact): ``tokens_seen`` is a *global* token clock, advanced
 by ``n_tokens`` = the number of tokens of the whole step across all workers; ``tokens_since_fired[c]`` is that
@@ -21,10 +24,28 @@ frequencies stay exact under both schemes once merged (or SUM-reduced by the cal
 
 from __future__ import annotations
 
+import base64
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
+
+
+DEAD_DEFINITION = "not fired in the last dead_tokens training tokens (Gao et al. 2024)"
+RECORD_FORMAT = "spg_dist.sae.latents/1"
+
+
+def pack_mask(mask: Any) -> str:
+    """Bool ``[C]`` as base64 of its little-endian packed bits (C / 8 bytes: compact enough for a JSON column)."""
+    m = np.asarray(mask.detach().cpu().numpy() if isinstance(mask, Tensor) else mask, dtype=bool).reshape(-1)
+    return base64.b64encode(np.packbits(m, bitorder="little").tobytes()).decode("ascii")
+
+
+def unpack_mask(packed: str, C: int) -> np.ndarray:
+    """Inverse of :func:`pack_mask`: bool ``[C]``."""
+    bits = np.frombuffer(base64.b64decode(packed), dtype=np.uint8)
+    return np.unpackbits(bits, count=int(C), bitorder="little").astype(bool)
 
 
 class _HybridMethod:
@@ -112,6 +133,31 @@ class DeadLatentTracker:
         """Fraction of observed tokens on which each latent fired (float64 ``[C]``)."""
         return self.fire_counts.double() / max(self.tokens_observed, 1)
 
+    def record(self, bins: int = 50) -> dict[str, Any]:
+        """JSON-able summary stored with the model (``sae_models.metrics["latents"]``); host sync.
+
+        ``dead_tokens``/``tokens_seen``/``n_dead``/``dead_fraction``/``dead_mask`` (packed, :func:`unpack_mask`)
+        are the one definition of dead at the end of training, i.e. exactly :meth:`dead_mask` and
+        :meth:`dead_fraction` now. The firing-frequency histogram (fires per observed token, log10 bins
+        ``log10_freq_edges``) is kept as counts split into latents alive / dead by that definition, plus the
+        latents that never fired at all (no logarithm), so a figure can be redrawn without per-latent arrays.
+        """
+        from spg_dist.sae.metrics import firing_histogram_counts
+
+        dead = self.dead_mask().cpu().numpy()
+        hist = firing_histogram_counts(self.fire_counts, self.tokens_observed, dead, bins)
+        since = self.tokens_since_fired.cpu().numpy()
+        return {
+            **hist,
+            "format": RECORD_FORMAT,
+            "definition": DEAD_DEFINITION,
+            "dead_tokens": self.dead_tokens,
+            "tokens_seen": int(self.tokens_seen),
+            "dead_fraction": float(dead.mean()) if self.C else 0.0,
+            "dead_mask": pack_mask(dead),
+            "max_tokens_since_fired": int(since.max()) if self.C else 0,
+        }
+
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors only (safetensors-ready); scalars as 0-d int64 tensors."""
         return {
@@ -121,6 +167,15 @@ class DeadLatentTracker:
             "tokens_observed": torch.tensor(self.tokens_observed, dtype=torch.long),
             "dead_tokens": torch.tensor(self.dead_tokens, dtype=torch.long),
         }
+
+    def snapshot(self) -> tuple[Tensor, Tensor, int, int]:
+        """Copy of the mutable state (:meth:`restore` puts it back): lets a rejected step leave no trace."""
+        return self.tokens_since_fired.clone(), self.fire_counts.clone(), self.tokens_seen, self.tokens_observed
+
+    def restore(self, snap: tuple[Tensor, Tensor, int, int]) -> None:
+        since, counts, self.tokens_seen, self.tokens_observed = snap
+        self.tokens_since_fired.copy_(since)
+        self.fire_counts.copy_(counts)
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         since = state["tokens_since_fired"]

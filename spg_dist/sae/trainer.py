@@ -1,7 +1,7 @@
 """Single-process training step of several SAEs on the same token batches (one pass feeds a (C, k) grid).
 
-Why several at once: Stage 1 is bound by how fast tokens arrive (DESIGN.md, "How tokens reach the SAE
-trainer"), so every batch that reaches a worker trains every SAE of the sweep. Each SAE keeps its own Adam
+Why several at once: Stage 1 is bound by how fast tokens arrive (the token stream from the store to the SAE
+trainer), so every batch that reaches a worker trains every SAE of the sweep. Each SAE keeps its own Adam
 optimizer, dead-latent tracker, step and token counters; they only share the batch and the preprocessing.
 
 Distribution is not this module's business (it never imports Ray or torch.distributed), but it is written for
@@ -86,6 +86,7 @@ class MultiSAETrainer:
         self._window: list[dict[str, float]] = [{} for _ in saes]
         self._window_steps = [0] * len(saes)
         self._buffers_before: list[list[Tensor]] = []
+        self._trackers_before: list[tuple] = []
 
     # --------------------------------------------------------------------------------------------- accessors
     @property
@@ -172,9 +173,14 @@ class MultiSAETrainer:
         """One optimisation step of every SAE on RAW tokens ``x [N, d]`` (or, with ``preprocessed``, tokens
         the loader already sent through the trainer's preprocessing); returns one metrics dict per SAE.
 
-        Order: forward (through the wrapped module), finiteness check, backward, remove parallel decoder
-        grads, Adam step, renormalise atoms, tracker update. ``world_size``: workers taking this step with
-        equally sized batches (token counters and the dead-latent clock count ``N * world_size``).
+        Order: forward (through the wrapped module; AuxK uses the dead mask from before the step), tracker
+        update, finiteness check, backward, remove parallel decoder grads, Adam step, renormalise atoms.
+        ``world_size``: workers taking this step with equally sized batches (token counters and the dead-latent
+        clock count ``N * world_size``).
+
+        ``dead_fraction`` in the returned metrics is the tracker's after this step (latents that have not fired
+        in the last ``dead_tokens`` tokens, :mod:`spg_dist.sae.tracker`): the last step's value equals
+        ``trackers[i].dead_fraction()`` and what is stored with the model, so a log and the stored number agree.
 
         Non-finite loss: raises :class:`NonFiniteLossError` naming the SAE and step, before any weight changes.
         Single process: checked before backward. Wrapped (DDP) or ``world_size > 1``: backward runs first (a
@@ -196,17 +202,18 @@ class MultiSAETrainer:
             total, outs = module(x, [m if cfg.auxk else None for m, cfg in zip(masks, self.configs)], preprocessed)
         with torch.no_grad():
             rows = [torch.stack([o.loss.float(), o.fvu.float(), explained_variance(o.x, o.x_hat),
-                                 l0(o.values), o.aux_loss.float(), o.total.float(), m.float().mean()])
-                    for o, m in zip(outs, masks)]
+                                 l0(o.values), o.aux_loss.float(), o.total.float()]) for o in outs]
             stats = torch.stack(rows)
         if not distributed:
+            stats = self._update_trackers(outs, stats, n_global, fired_reduce)
             values = stats.tolist()  # the step's one host sync
             self._raise_if_nonfinite(values, None)
             total.backward()
         else:
-            total.backward()
+            total.backward()  # (every rank runs the same collectives in the same order: backward, fired_reduce)
             grads_ok = torch.stack([torch.stack([torch.isfinite(p.grad).all() for p in sae.parameters()
                                                  if p.grad is not None]).all() for sae in self.saes])
+            stats = self._update_trackers(outs, stats, n_global, fired_reduce)
             values = stats.tolist()
             self._raise_if_nonfinite(values, grads_ok.tolist())
         for sae, opt in zip(self.saes, self.optimizers):
@@ -214,8 +221,7 @@ class MultiSAETrainer:
             opt.step()
             sae.normalize_decoder()
         metrics = []
-        for i, (out, tracker) in enumerate(zip(outs, self.trackers)):
-            tracker.update(out.indices.detach(), out.values.detach(), n_global, fired_reduce)
+        for i in range(len(self.trackers)):
             self.steps[i] += 1
             self.tokens[i] += n_global
             row = dict(zip(_STATS, values[i]))
@@ -223,6 +229,18 @@ class MultiSAETrainer:
             metrics.append({"sae": self.configs[i].name, "index": i, "step": self.steps[i],
                             "tokens": self.tokens[i], **row, "lr": self.optimizers[i].param_groups[0]["lr"]})
         return metrics
+
+    @torch.no_grad()
+    def _update_trackers(self, outs: Sequence[Any], stats: Tensor, n_global: int,
+                         fired_reduce: Callable[[Tensor], Tensor] | None) -> Tensor:
+        """Account the step in every tracker (kept undoable until the step is accepted) and append each SAE's
+        dead fraction after it to ``stats`` (no host sync)."""
+        self._trackers_before = [tr.snapshot() for tr in self.trackers]
+        for out, tracker in zip(outs, self.trackers):
+            tracker.update(out.indices.detach(), out.values.detach(), n_global, fired_reduce)
+        dead = torch.stack([tr.dead_mask(self.dead_tokens(i)).float().mean().to(stats.device)
+                            for i, tr in enumerate(self.trackers)])
+        return torch.cat([stats, dead[:, None]], dim=1)
 
     def _raise_if_nonfinite(self, values: list[list[float]], grads_ok: list[bool] | None) -> None:
         for i, row in enumerate(values):
@@ -236,6 +254,8 @@ class MultiSAETrainer:
                     for sae, saved in zip(self.saes, self._buffers_before):
                         for buf, old in zip(sae.buffers(), saved):
                             buf.copy_(old)
+                    for tracker, snap in zip(self.trackers, self._trackers_before):
+                        tracker.restore(snap)
                 what = (f"loss={stats['loss']}, aux_loss={stats['aux_loss']}" if bad_loss
                         else "non-finite gradients (a NaN on another worker reaches every worker's all-reduce)")
                 raise NonFiniteLossError(f"SAE {i} ({self.configs[i].name}): {what} at step {self.steps[i] + 1}; "
@@ -249,7 +269,8 @@ class MultiSAETrainer:
 
     def pop_window(self) -> list[dict[str, Any]]:
         """Mean of each SAE's step metrics since the last call (e.g. every ``train.log_every`` steps), then
-        reset. Dead fraction etc. are means over the window; ``step``/``tokens`` are the current counters."""
+        reset. Loss, dead fraction etc. are means over the window (the dead fraction at the end of the window is
+        the last step's metrics / ``trackers[i].dead_fraction()``); ``step``/``tokens`` are the current counters."""
         out = []
         for i, window in enumerate(self._window):
             n = max(self._window_steps[i], 1)

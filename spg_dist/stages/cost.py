@@ -1,8 +1,8 @@
 """The cost model of the paper-scale plan (pure arithmetic, nothing is run): tokens per dataset, store bytes, SAE
 FLOPs and GPU time from the figures measured on one H200, extraction time, and the shared-work saving of a sweep.
 ``bench/capacity.py`` prints it as tables; ``spg reproduce --dry-run`` and ``spg sweep --dry-run`` use
-:func:`estimate` for their estimated cost. Every time figure says where it comes from ("measured on H200
-(GPU.md)" or "from FLOPs at X % of peak").
+:func:`estimate` for their estimated cost. Every time figure says where it comes from ("measured on one
+H200" or "from FLOPs at X % of peak").
 """
 
 from __future__ import annotations
@@ -28,15 +28,16 @@ DATASETS: dict[str, dict[str, Any]] = {
 assert all(v["train"] + v["test"] == v["images"] for v in DATASETS.values())
 assert DATASETS["visa"]["normal"] + DATASETS["visa"]["anomalous"] == DATASETS["visa"]["images"]
 
-PAPER_CS = (2048, 3072, 4096, 6144, 8192)  # SPG.md: swept dictionary sizes
-PAPER_KS = (8, 16, 32, 64, 128)  # SPG.md: swept k
+PAPER_CS = (2048, 3072, 4096, 6144, 8192)  # the paper's swept dictionary sizes
+PAPER_KS = (8, 16, 32, 64, 128)  # the paper's swept k
 PAPER_EPOCHS = 50
 PAPER_BATCH_IMAGES = 16
 DIRECTIONS = (("visa", "mvtec"), ("mvtec", "visa"))  # (auxiliary, target)
 BACKBONES = ("dinov3-vitl16", "dinov2-vitl14", "siglip-l16-384", "openclip-vitl14-336")
 DEFAULT_BACKBONE = "dinov3-vitl16"
 
-# Figures measured on one H200 (/work/shared/GPU.md), random weights, bf16, d = 1024.
+# Figures measured on one H200 (the reference figures bench/gpu_check.py compares against), random weights, bf16,
+# d = 1024.
 H200_PEAK_FLOPS = 781e12  # bf16 matmul 8192^3
 H200_FORWARD_IMAGES_PER_S = {"dinov3-vitl16": 400.0, "dinov2-vitl14": 452.0, "siglip-l16-384": 768.0}
 H200_PIPELINE_IMAGES_PER_S = 95.0  # plain Ray Data pipeline with lance_ray.write_lance, DINOv3 (0.24x bare)
@@ -59,7 +60,7 @@ linearly in activations here; atom_images rows track (atom, image) pairs and ato
 other C, k or patch counts move it somewhat. (The retired ``atom_index``, one row per activation, measured 10.634
 B per activation with its indexes.)"""
 
-SRC_MEASURED = "measured on H200 (GPU.md)"
+SRC_MEASURED = "measured on one H200"
 SRC_CPU = "measured on the 2-core CPU machine (README)"
 
 
@@ -188,9 +189,9 @@ class CostModel:
 
     peak_flops: float = H200_PEAK_FLOPS
     mfu: float | None = None  # fraction of peak for FLOPs-based figures; None: median of the measured backbones'
-    extract_efficiency: float = 1.0  # pipeline / bare forward (1 = bare; GPU.md's naive pipeline with write: 0.24)
+    extract_efficiency: float = 1.0  # pipeline / bare forward (1 = bare; the measured naive pipeline with write: 0.24)
     read_bytes_per_s: float = STORE_READ_BYTES_PER_S
-    dead_fraction: float = 0.1  # dead latents AuxK works on (GPU.md's sparsify AuxK figure used 10 %)
+    dead_fraction: float = 0.1  # dead latents AuxK works on (the measured sparsify AuxK figure used 10 %)
     auxk: bool = True
     guide_steps: int = 500  # spg_dist.guides.config.GuideConfig.steps
     guide_batch_images: int = PAPER_BATCH_IMAGES
@@ -202,7 +203,7 @@ class CostModel:
 
 
 def measured_mfu(backbone: str, peak: float = H200_PEAK_FLOPS) -> float | None:
-    """Fraction of peak the measured bare forward of ``backbone`` implies (None when GPU.md has no figure)."""
+    """Fraction of peak the measured bare forward of ``backbone`` implies (None without a measured figure)."""
     rate = H200_FORWARD_IMAGES_PER_S.get(backbone)
     return None if rate is None else rate * vit_forward_flops(backbone) / peak
 
@@ -375,6 +376,6 @@ def estimate(plan: Any, gpus: int = 1, costs: "CostModel | None" = None) -> dict
             total += plan.seeds * sae
     out["total_gpu_hours"] = round(total / 3600, 2)
     out["wall_hours"] = round(total / 3600 / max(gpus, 1), 2)
-    out["note"] = ("extraction and SAE passes on H200s from the figures in GPU.md; guides and evaluation are small "
-                   "next to them and left out; a dataset of unknown size counts 0")
+    out["note"] = ("extraction and SAE passes on H200s from the figures measured on one H200; guides and evaluation "
+                   "are small next to them and left out; a dataset of unknown size counts 0")
     return out

@@ -121,12 +121,11 @@ def _prepare_knn(store: Store, det: Detector, ctx: dict[str, Any], echo: Echo) -
 def _prepare_foundad(store: Store, det: Detector, ctx: dict[str, Any], echo: Echo) -> Detector:
     if ctx.get("workers", 1) > 1:
         from spg_dist.ray.foundad_train import train_projector_ray
-        from spg_dist.ray.runtime import ensure_ray
 
-        ensure_ray(ctx.get("address"), ctx.get("num_cpus"))
-        workers = ctx["workers"]
-        det.trainer_fn = lambda *a, **k: train_projector_ray(*a, workers=workers, **{x: y for x, y in k.items()
-                                                                                   if x != "device"})
+        # Ray starts (or is joined) only when the projector is trained: a stored or cached result needs none
+        workers, address, num_cpus = ctx["workers"], ctx.get("address"), ctx.get("num_cpus")
+        det.trainer_fn = lambda *a, **k: train_projector_ray(*a, workers=workers, address=address, num_cpus=num_cpus,
+                                                             **{x: y for x, y in k.items() if x != "device"})
     return det
 
 
@@ -201,7 +200,8 @@ def detect(store: Store | str, method: str, target: str, *, backbone: str | None
            taus: Sequence[float] | None = None, device: str = "cpu", workers: int = 1, address: str | None = None,
            num_cpus: int | None = None, echo: Echo = lambda _: None,
            on_step: Callable[[dict[str, Any]], None] | None = None,
-           on_images: Callable[[int], None] | None = None) -> EvalResult:
+           on_images: Callable[[int], None] | None = None,
+           keep_maps: Sequence[str] | None = None) -> EvalResult:
     """Run detector ``method`` on the test split of ``target`` and write its ``eval_results`` rows."""
     store = store if isinstance(store, Store) else Store(store)
     params = dict(params or {})
@@ -238,7 +238,8 @@ def detect(store: Store | str, method: str, target: str, *, backbone: str | None
     result = evaluate_detector(store, det, source, run=run, resolution=resolution, report_dir=report_dir,
                                overlays=overlays, taus=taus, guide_id=ctx["guide_id"], sae_id=ctx["sae_id"],
                                shots=inputs.shots, aux=sorted({d for ds in ctx["seen"].values() for d in ds}),
-                               fit=stored_fit(store, det, ctx["backbone"] or "", layers, echo), on_images=on_images)
+                               fit=stored_fit(store, det, ctx["backbone"] or "", layers, echo), on_images=on_images,
+                               keep_maps=keep_maps)
     result.extra.update(guide_id=ctx["guide_id"], sae_id=ctx["sae_id"])
     if "note" in ctx:
         result.extra["note"] = ctx["note"]

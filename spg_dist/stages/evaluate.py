@@ -109,7 +109,8 @@ def evaluate_detector(store: Store, detector: Detector, source: InputSource, *, 
                       overlays: int = 8, taus: Sequence[float] | None = None, guide_id: str = "",
                       sae_id: str = "", shots: int = 0, aux: Sequence[str] | None = None, write: bool = True,
                       on_category: Callable[[str], None] | None = None,
-                      on_images: Callable[[int], None] | None = None) -> EvalResult:
+                      on_images: Callable[[int], None] | None = None,
+                      keep_maps: Sequence[str] | None = None) -> EvalResult:
     """Evaluate ``detector`` on the test split of ``source.target`` (see the module docstring).
 
     ``fit(detector, data)`` fits (default ``detector.fit``; ``spg detect`` passes one that reuses stored weights);
@@ -118,6 +119,7 @@ def evaluate_detector(store: Store, detector: Detector, source: InputSource, *, 
     the datasets the model was trained on, as recorded (default: what the detector reads now). ``on_images(n)``
     after every scored batch of n test images (progress bars). Maps and masks are held one category at a time
     (all of them only for a report or a τ sweep), so memory follows the largest category, not the dataset.
+    ``keep_maps``: image ids whose anomaly maps are returned in ``extra["maps"]`` (pictures of a few images).
     """
     t0 = time.perf_counter()
     inputs = detector.inputs()
@@ -154,6 +156,7 @@ def evaluate_detector(store: Store, detector: Detector, source: InputSource, *, 
         timed_fit(fit_data(cats, None))
     per: dict[str, dict[str, Any]] = {}
     results: dict[str, dict[str, float]] = {}
+    keep, kept = set(keep_maps or ()), {}
     for cat in cats:
         if inputs.scope == "category" or inputs.unlabelled_target:
             timed_fit(fit_data([cat], cat))
@@ -180,6 +183,7 @@ def evaluate_detector(store: Store, detector: Detector, source: InputSource, *, 
             amaps = np.concatenate(maps).astype(np.float32)
             image = detector.image_scores(amaps if detector.pool_on == "map" else patch_scores)
             masks = load_masks(test.image_ids, uris, size)
+        kept.update({iid: np.asarray(amaps[i], np.float32) for i, iid in enumerate(test.image_ids) if iid in keep})
         labels = np.asarray(test.labels)
         # an anomalous image without a mask (its mask was missing or refused at extraction: an errors row) has no
         # pixel ground truth: it counts for the image metrics, not for the pixel ones
@@ -207,6 +211,8 @@ def evaluate_detector(store: Store, detector: Detector, source: InputSource, *, 
     seconds = time.perf_counter() - t0
     out = EvalResult(run, detector.name, source.target, table, detector.params(), source.backbone, layers, aux,
                      shots, detector.pooling, res, seconds, fit_seconds)
+    if keep_maps is not None:
+        out.extra["maps"] = kept
     if write:
         now = utc_now()
         params = json.dumps(detector.params(), sort_keys=True, default=str)

@@ -338,7 +338,7 @@ def estimated_seconds(plan: SweepPlan, images_per_dataset: Mapping[str, int], to
     trials = len(plan.trials())
     return {"sae_seconds": round(per_pass, 1), "trials": trials,
             "evaluation_seconds": round(trials * 2.0, 1), "total_seconds": round(per_pass + trials * 2.0, 1),
-            "assumptions": "CPU 20 GFLOP/s per trial; H200 3.5 M tokens/s at C = 8192 (GPU.md); 2 s per evaluation"
+            "assumptions": "CPU 20 GFLOP/s per trial; H200 3.5 M tokens/s at C = 8192 (measured on one H200); 2 s per evaluation"
                            if not math.isnan(per_pass) else ""}
 
 

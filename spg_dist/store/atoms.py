@@ -275,6 +275,13 @@ def atom_stats(store: Store, sae_id: str, per_patch: bool = True, batch_size: in
     only, 1 = spread evenly; NaN for atoms that never fire, 0 when only one category is encoded. With
     ``per_patch`` (default) each category's mass is divided by its number of encoded patches first, so an
     atom firing uniformly everywhere scores 1 even when categories have different numbers of images.
+
+    Two different "not firing" numbers, kept apart: ``count == 0`` means the atom is *silent on the encoded
+    images* (a property of that image set); ``dead`` is the one definition of a dead latent, read from the
+    record stored with the SAE (not fired in the last ``dead_tokens`` training tokens, the same number as
+    ``sae_models.dead_fraction`` and the training log), ``<NA>`` when the SAE has no such record.
+    ``df.attrs["training_dead"]`` holds that record's summary (``n_dead``, ``dead_fraction``, ``dead_tokens``,
+    ``tokens_seen``, ``definition``) or None.
     """
     info = sae_info(store, sae_id)
     if not codes.readable(store, IMAGES):
@@ -318,7 +325,28 @@ def atom_stats(store: Store, sae_id: str, per_patch: bool = True, batch_size: in
                        "anomalous_share": anom_share})
     for j, c in enumerate(info.categories):
         df[f"mass:{c}"] = mass[:, j]
+    rec = _training_dead(store, sae_id, info)
+    if rec is None:
+        df["dead"] = pd.array([pd.NA] * C, dtype="boolean")
+        df.attrs["training_dead"] = None
+    else:
+        mask = np.zeros(C, bool)
+        mask[:min(C, len(rec["dead_mask"]))] = rec["dead_mask"][:C]
+        df["dead"] = pd.array(mask, dtype="boolean")
+        df.attrs["training_dead"] = {k: rec.get(k) for k in ("n_dead", "dead_fraction", "dead_tokens", "tokens_seen",
+                                                             "definition", "C")}
     return df
+
+
+def _training_dead(store: Store, sae_id: str, info: SaeInfo) -> dict | None:
+    """The dead-latent record stored with the SAE (:func:`sae_models.latent_record`), None when absent."""
+    if info.C is None:
+        return None
+    try:
+        row = sae_models.get(store, sae_id, with_weights=False)
+    except sae_models.UnknownSAEError:
+        return None
+    return sae_models.latent_record(row)
 
 
 __all__ = ["AtomQueryError", "IMAGE_COLUMNS", "SaeInfo", "TOP_COLUMNS", "activation_maps", "atom_activation_map",

@@ -64,6 +64,24 @@ class Store:
         self.storage_options = with_s3_env(self.uri, storage_options)
         self._db: Any = None
 
+    @classmethod
+    def open_existing(cls, uri: str | os.PathLike, storage_options: dict[str, str] | None = None) -> "Store":
+        """A handle on a store that must already exist (every command but the ones that make a store): a local
+        folder holding at least one table, or a ``s3://…``/``gs://…`` URI whose listing shows one (a URI whose
+        listing fails is let through: the command says what is wrong). Unlike ``Store(uri)`` nothing is created."""
+        store = cls(uri, storage_options)
+        if _is_local(store.uri):
+            path = store.uri[len("file://"):] if store.uri.startswith("file://") else store.uri
+            exists = os.path.isdir(path) and any(n.endswith(".lance") for n in os.listdir(path))
+        else:
+            try:
+                exists = bool(lancedb.connect(store.uri, storage_options=store.storage_options).list_tables().tables)
+            except Exception:  # noqa: BLE001 - cannot tell cheaply; the command's first read says what is wrong
+                exists = True
+        if not exists:
+            raise StoreError(f"no store at {store.uri} (make one with `spg extract ...` or `spg demo`; check the path)")
+        return store
+
     def __getstate__(self) -> dict:
         return {"uri": self.uri, "storage_options": self.storage_options, "_db": None}
 

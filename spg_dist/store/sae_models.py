@@ -6,8 +6,11 @@ knows no method.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+import base64
+import json
+from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import pyarrow as pa
 
 from spg_dist.errors import UnknownNameError
@@ -48,8 +51,35 @@ def of_run(store: Store, run: str) -> list[dict[str, Any]]:
     return store.read(TABLE, where=where(run=run), columns=list(INFO_COLUMNS)).to_pylist()
 
 
+def metrics_of(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The row's ``metrics`` JSON as a dict (``{}`` when empty or unreadable)."""
+    try:
+        out = json.loads(row.get("metrics") or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+def latent_record(row: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The dead-latent record stored with the model (``metrics["latents"]``, written from
+    ``DeadLatentTracker.record()`` at the end of training), with ``dead_mask`` decoded to bool ``[C]``; ``None``
+    for rows registered before it was stored (then only the ``dead_fraction`` column is known).
+
+    Dead has one definition in spg_dist: a latent that has not fired in the last ``dead_tokens`` training tokens
+    (Gao et al. 2024); ``dead_fraction`` of the row, ``n_dead`` and the mask here are that same quantity.
+    """
+    rec = metrics_of(row).get("latents")
+    if not isinstance(rec, dict) or "dead_mask" not in rec:
+        return None
+    rec = dict(rec)
+    bits = np.frombuffer(base64.b64decode(rec["dead_mask"]), dtype=np.uint8)
+    rec["dead_mask"] = np.unpackbits(bits, count=int(rec["C"]), bitorder="little").astype(bool)
+    return rec
+
+
 def upsert(store: Store, rows: pa.Table | Iterable[dict[str, Any]]) -> int:
     return store.upsert(TABLE, rows)
 
 
-__all__ = ["INFO_COLUMNS", "TABLE", "UnknownSAEError", "get", "list_rows", "of_run", "upsert"]
+__all__ = ["INFO_COLUMNS", "TABLE", "UnknownSAEError", "get", "latent_record", "list_rows", "metrics_of", "of_run",
+           "upsert"]

@@ -1,8 +1,9 @@
 """Atom pictures: a gallery of an atom's strongest patches, and the firing-statistics overview of an SAE.
 
 The gallery is SPG's "Interpretation" figure: for each top patch, the patch itself (cut from the image as the
-backbone saw it, i.e. resized to the extraction square) and the whole image with the atom's activation map
-bilinearly upsampled over it, so a reader sees both *what* the atom responds to and *where*. Figures are
+backbone saw it, i.e. resized to the extraction square), the whole image with its ground-truth defect outlined,
+and next to it the atom's activation map bilinearly upsampled over the image (semi-transparent, on a labelled
+colour scale), so a reader sees *what* the atom responds to, *where*, and whether that is the defect. Figures are
 drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend switch), so this is safe in
 headless CLI processes and Ray workers alike.
 """
@@ -16,15 +17,18 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from spg_dist.data.imageio import ImageDecodeError, load_image
+from spg_dist.data.imageio import ImageDecodeError, load_image, load_mask
 from spg_dist.store.atoms import activation_maps, sae_info
 from spg_dist.store.connection import Store
 from spg_dist.store import images, tokens
 from spg_dist.store.tokens import TokenSelection
 from spg_dist.viz.figures import save_figure
+from spg_dist.viz.sae_figures import sae_label
 
 DEFAULT_PATCH_PX = 16  # patch side assumed when the extraction size is unknown (no patch_tokens rows)
 
@@ -66,58 +70,132 @@ def _short(image_id: str, parts: int = 3) -> str:
     return "/".join(image_id.split("/")[-parts:])
 
 
-def atom_gallery_png(store: Store, sae_id: str, atom: int, rows: Any, out_path: str | os.PathLike,
-                     image_size: int | None = None, cols: int = 4) -> Path:
-    """Draw ``rows`` (from :func:`top_patches`) as (patch crop, image + activation map) pairs; returns the path.
+GT_COLOUR, BOX_COLOUR, HEAT_CMAP = "lime", "cyan", "inferno"
+HEAT_ALPHA = 0.6  # strongest activation: 60 % heat over 40 % image; silent patches leave the image untouched
+_COLORBAR_LABEL = "<colorbar>"
 
-    ``image_size`` overrides the extraction square side (default: read from patch_tokens, else
-    grid * 16 px). The heatmap's colour and opacity scale with the activation, shared across the gallery so
-    strengths are comparable; the top patch is outlined on each image.
-    """
+
+def gallery_title(atom: int, sae: str, role: str | None = None, coefficient: float | None = None,
+                  n: int | None = None) -> str:
+    """Short title of an atom gallery, e.g. ``"anomaly-guide atom 900 · coefficient 0.118 · SAE C=1024 k=16"``."""
+    parts = [f"{role} atom {atom}" if role else f"atom {atom}"]
+    if coefficient is not None:
+        parts.append(f"coefficient {coefficient:.3g}")
+    parts.append(sae)
+    if n is not None and role is None and coefficient is None:
+        parts.append(f"top {n} patches")
+    return " · ".join(parts)
+
+
+def _mask(uri: str | None, side: int) -> np.ndarray | None:
+    if not uri:
+        return None
+    try:
+        m = load_mask(uri, side)
+    except (ImageDecodeError, OSError, ValueError):
+        return None
+    return m if m.any() else None
+
+
+def _contour(ax: Any, mask: np.ndarray | None, colour: str, width: float = 1.2) -> None:
+    if mask is not None and mask.any() and not mask.all():
+        h, w = mask.shape
+        ax.contour(np.arange(w), np.arange(h), mask.astype(float), levels=[0.5], colors=colour, linewidths=width)
+
+
+def atom_gallery_figure(store: Store, sae_id: str, atom: int, rows: Any, image_size: int | None = None,
+                        cols: int = 4, *, role: str | None = None, coefficient: float | None = None,
+                        title: str | None = None) -> Figure:
+    """The figure :func:`atom_gallery_png` saves (see there); one colour bar, its axes labelled ``"<colorbar>"``."""
     rows = _rows(rows)
-    if not rows:
-        fig = Figure(figsize=(5, 1.5))
-        fig.text(0.5, 0.5, f"{sae_id}\natom {atom} never fires in the encoded data", ha="center", va="center")
-        return save_figure(fig, out_path)
     info = sae_info(store, sae_id)
+    head = title or gallery_title(atom, sae_label(store, sae_id, k=info.k), role, coefficient, len(rows))
+    if not rows:
+        fig = Figure(figsize=(5.5, 1.5))
+        fig.text(0.5, 0.5, f"{head}\natom {atom} never fires on the encoded images", ha="center", va="center")
+        return fig
     ids = list(dict.fromkeys(r["image_id"] for r in rows))
-    imgs = images.rows(store, image_ids=ids, columns=["image_id", "image_uri"])
+    imgs = images.rows(store, image_ids=ids, columns=["image_id", "image_uri", "mask_uri", "label"])
     uris = dict(zip(imgs.column("image_id").to_pylist(), imgs.column("image_uri").to_pylist()))
+    mask_uris = dict(zip(imgs.column("image_id").to_pylist(), imgs.column("mask_uri").to_pylist()))
+    labels = dict(zip(imgs.column("image_id").to_pylist(), imgs.column("label").to_pylist()))
     sizes = {} if image_size else _extraction_sizes(store, sae_id, ids)
     maps = activation_maps(store, sae_id, ids, atom)
     vmax = max(max(float(m.max()) for m in maps.values()), 1e-12)
+    norm = Normalize(0.0, vmax)
     cols = max(1, min(cols, len(rows)))
     nrows = math.ceil(len(rows) / cols)
-    fig = Figure(figsize=(2 * cols * 1.9, nrows * 2.3 + 0.4))
-    fig.suptitle(f"{sae_id} · atom {atom} · top {len(rows)} patches", fontsize=9)
+    fig = Figure(figsize=(3 * cols * 1.75 + 1.2, nrows * 2.15 + 0.9), layout="constrained")
+    grid = fig.add_gridspec(nrows, 3 * cols, width_ratios=[0.7, 1, 1] * cols)
     gh, gw = info.grid_h, info.grid_w
+    axes = []
     for i, r in enumerate(rows):
-        ax_crop = fig.add_subplot(nrows, 2 * cols, 2 * i + 1)
-        ax_img = fig.add_subplot(nrows, 2 * cols, 2 * i + 2)
+        rr, cc = divmod(i, cols)
+        ax_crop, ax_img, ax_heat = (fig.add_subplot(grid[rr, 3 * cc + j]) for j in range(3))
+        axes += [ax_crop, ax_img, ax_heat]
         side = int(image_size or sizes.get(r["image_id"]) or DEFAULT_PATCH_PX * max(gh, gw))
         try:
             img = load_image(uris[r["image_id"]], side)
         except (KeyError, ImageDecodeError):
             img = np.full((side, side, 3), 128, np.uint8)   # a missing file must not lose the other patches
             ax_img.text(side / 2, side / 2, "image\nunavailable", ha="center", va="center", fontsize=7)
+        gt = _mask(mask_uris.get(r["image_id"]), side)
         ph, pw = side / gh, side / gw
         y0, x0 = int(round(r["row"] * ph)), int(round(r["col"] * pw))
         crop = img[y0:max(y0 + 1, int(round((r["row"] + 1) * ph))), x0:max(x0 + 1, int(round((r["col"] + 1) * pw)))]
         ax_crop.imshow(crop, interpolation="nearest")
-        ax_crop.set_title(f"#{r.get('rank', i)} {_short(r['image_id'])}\n{r['category']} · {r['value']:.3g}",
-                          fontsize=7)
-        heat = upsample_bilinear(maps[r["image_id"]], side, side)
+        ax_crop.set_title(f"#{r.get('rank', i)} {r['category']}\nactivation {r['value']:.3g}", fontsize=7)
+        tag = {1: " [anomalous]", 0: " [normal]"}.get(labels.get(r["image_id"]), "")
+        # the image as it is (ground-truth defect outlined), so the defect is never hidden under the heat
         ax_img.imshow(img)
-        ax_img.imshow(heat, cmap="inferno", vmin=0, vmax=vmax, alpha=np.clip(heat / vmax, 0, 1) * 0.75)
-        ax_img.add_patch(Rectangle((r["col"] * pw - 0.5, r["row"] * ph - 0.5), pw, ph, fill=False,
-                                   edgecolor="cyan", linewidth=1.5))
-        ax_img.set_title("activation map", fontsize=7)
-        for ax in (ax_crop, ax_img):
+        _contour(ax_img, gt, GT_COLOUR)
+        ax_img.set_title(f"{_short(r['image_id'], 2)}{tag}", fontsize=6.5)
+        heat = upsample_bilinear(maps[r["image_id"]], side, side)
+        ax_heat.imshow(img)
+        ax_heat.imshow(heat, cmap=HEAT_CMAP, norm=norm, alpha=np.clip(heat / vmax, 0, 1) * HEAT_ALPHA)
+        if heat.max() > 0.5 * vmax:
+            ax_heat.contour(np.arange(side), np.arange(side), heat, levels=[0.5 * vmax], colors="white",
+                            linewidths=0.7)
+        _contour(ax_heat, gt, GT_COLOUR, 0.9)
+        for ax in (ax_img, ax_heat):
+            ax.add_patch(Rectangle((r["col"] * pw - 0.5, r["row"] * ph - 0.5), pw, ph, fill=False,
+                                   edgecolor=BOX_COLOUR, linewidth=1.2))
+        ax_heat.set_title(f"max {float(maps[r['image_id']].max()):.3g}", fontsize=7)
+        for ax in (ax_crop, ax_img, ax_heat):
             ax.set_xticks([])
             ax.set_yticks([])
-        for s in ax_crop.spines.values():
-            s.set_edgecolor("cyan")
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+        for sp in ax_crop.spines.values():
+            sp.set_edgecolor(BOX_COLOUR)
+    cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=HEAT_CMAP), ax=axes, location="right", shrink=0.9,
+                        aspect=30, pad=0.01)
+    cbar.ax.set_label(_COLORBAR_LABEL)
+    cbar.set_label(f"atom {atom} activation per patch\n(SAE code value; 0 = silent, one scale for all tiles)",
+                   fontsize=8)
+    cbar.ax.tick_params(labelsize=7)
+    fig.suptitle(head, fontsize=10)
+    caption = ("each tile: strongest patch (crop) | image (green: ground-truth defect) | activation over the image "
+               f"(white line: half of max {vmax:.3g}); cyan box: the patch")
+    fig.get_layout_engine().set(rect=(0, 0.03, 1, 1))
+    fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize=7, color="0.3")
+    return fig
+
+
+def atom_gallery_png(store: Store, sae_id: str, atom: int, rows: Any, out_path: str | os.PathLike,
+                     image_size: int | None = None, cols: int = 4, *, role: str | None = None,
+                     coefficient: float | None = None, title: str | None = None) -> Path:
+    """Draw ``rows`` (from :func:`top_patches`) as (patch crop, image, activation over image) triples; returns the path.
+
+    ``image_size`` overrides the extraction square side (default: read from patch_tokens, else grid * 16 px).
+    Every tile shows the strongest patch, the image itself with its ground-truth defect outlined in green (when
+    it has a mask) and, next to it, the atom's activation map over the image: a semi-transparent heat (opacity
+    grows with the activation, so silent regions stay untouched) with a white line at half the gallery maximum.
+    One colour scale is shared by all tiles and stated by the labelled colour bar; the crop's title holds the
+    patch's activation and category. The title is short: ``role`` (e.g. ``"anomaly-guide"``) and
+    ``coefficient`` (the guide's weight on the atom) when the caller knows them, and a short SAE label
+    (``"SAE C=1024 k=16"``), never the long sae_id; ``title`` replaces it.
+    """
+    fig = atom_gallery_figure(store, sae_id, atom, rows, image_size, cols, role=role, coefficient=coefficient,
+                              title=title)
     return save_figure(fig, out_path)
 
 
@@ -126,7 +204,9 @@ def atom_stats_png(stats: Any, out_path: str | os.PathLike, title: str | None = 
 
     Lower left: rare, category-specific atoms; upper right: frequent, shared ones (texture, background).
     Colour: share of each atom's mass on anomalous images, the atoms an anomaly detector leans on. Margins
-    show both distributions; dead atoms (never fire) are counted in the corner.
+    show both distributions. The corner counts the atoms silent on the encoded images (``count == 0``) and,
+    apart from them, the atoms dead by the one definition stored with the SAE (not fired in the last
+    ``dead_tokens`` training tokens; ``stats.attrs["training_dead"]``) when the SAE has that record.
     """
     df = stats
     fired = df[df["count"] > 0]
@@ -153,9 +233,13 @@ def atom_stats_png(stats: Any, out_path: str | os.PathLike, title: str | None = 
     ax.set_xlabel("log10 firing frequency (firings / encoded patches)")
     ax.set_ylabel("category entropy (0 = one category, 1 = even)")
     ax.set_ylim(-0.05, 1.05)
-    dead = int((df["count"] == 0).sum())
-    ax.text(0.01, 0.99, f"{len(df)} atoms, {dead} dead ({dead / max(len(df), 1):.1%})", transform=ax.transAxes,
-            va="top", fontsize=8)
+    silent = int((df["count"] == 0).sum())
+    lines = [f"{len(df)} atoms; never fired on the encoded images: {silent} ({silent / max(len(df), 1):.1%})"]
+    training = getattr(df, "attrs", {}).get("training_dead")
+    if training:
+        lines.append(f"dead in training (not fired in the last {training['dead_tokens']:,} tokens): "
+                     f"{training['n_dead']} ({training['dead_fraction']:.1%})")
+    ax.text(0.01, 0.99, "\n".join(lines), transform=ax.transAxes, va="top", fontsize=7.5)
     ax_top.tick_params(labelbottom=False)
     ax_right.tick_params(labelleft=False)
     ax_top.set_ylabel("atoms", fontsize=8)
@@ -163,4 +247,4 @@ def atom_stats_png(stats: Any, out_path: str | os.PathLike, title: str | None = 
     return save_figure(fig, out_path)
 
 
-__all__ = ["atom_gallery_png", "atom_stats_png", "upsample_bilinear"]
+__all__ = ["atom_gallery_figure", "atom_gallery_png", "atom_stats_png", "gallery_title", "upsample_bilinear"]

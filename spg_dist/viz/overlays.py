@@ -1,5 +1,6 @@
 """Evaluation overlays: for a test image, the image itself, its ground-truth mask over it, and the anomaly map as a
-heatmap over it (with a colorbar and the image score in the title), one PNG per image.
+heatmap over it (with a colorbar and the image score in the title), one PNG per image; and
+:func:`method_overlays`, several methods' maps side by side (one row per image, a colour bar per method).
 
 Drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend switch), like
 :mod:`spg_dist.viz.atoms`. An image file that cannot be read (moved, not mounted here) is drawn as a grey
@@ -14,7 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from matplotlib.colors import ListedColormap
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 
 from spg_dist.data.imageio import ImageDecodeError, load_image
@@ -130,5 +132,80 @@ def write_category_overlays(category: str, image_ids: Sequence[str], labels: Seq
     return out
 
 
-__all__ = ["MIN_DISPLAY_PX", "load_display_image", "overlay_names", "overlay_png", "pick_overlay_indices",
-           "write_category_overlays"]
+
+
+def method_overlays(images: list[np.ndarray], masks: list[np.ndarray | None], maps: dict[str, list[np.ndarray]],
+                    titles: list[str], out_path: Path, vmax: dict | None = None) -> Path:
+    """Save :func:`method_overlays_figure` (see there) to ``out_path``; returns it."""
+    return save_figure(method_overlays_figure(images, masks, maps, titles, vmax), out_path)
+
+
+def method_overlays_figure(images: list[np.ndarray], masks: list[np.ndarray | None],
+                           maps: dict[str, list[np.ndarray]], titles: list[str], vmax: dict | None = None) -> Figure:
+    """One figure comparing methods side by side.
+
+    One row per image: the image with its ground-truth defect outlined (``masks[i]`` None or empty: normal
+    image), then per method (``maps[method][i]``, an [H, W] score map on any grid, drawn to the image's extent)
+    the map as a semi-transparent heat over the image with the defect outline on top. Column titles are the
+    method names; each method column has its own colour bar and its own scale, stated on the bar: the method's
+    minimum .. maximum over the drawn maps (maximum ``vmax[method]`` when given). Scores of different methods
+    are not comparable, so they are never put on one scale. ``titles[i]`` labels row i.
+    """
+    n = len(images)
+    if not (len(masks) == len(titles) == n and all(len(v) == n for v in maps.values())):
+        raise ValueError(f"method_overlays: {n} images, {len(masks)} masks, {len(titles)} titles, maps of lengths "
+                         f"{ {k: len(v) for k, v in maps.items()} } (all must be equal)")
+    methods = list(maps)
+    vmax = dict(vmax or {})
+    fig = Figure(figsize=(2.6 * (1 + len(methods)) + 0.6, 2.5 * max(n, 1) + 1.1), layout="constrained")
+    axes = np.asarray(fig.subplots(max(n, 1), 1 + len(methods), squeeze=False))
+    scales = {}
+    for m in methods:
+        arrs = [np.asarray(a, np.float64) for a in maps[m]]
+        lo = min((float(np.nanmin(a)) for a in arrs), default=0.0)
+        hi = float(vmax[m]) if m in vmax and vmax[m] is not None else max((float(np.nanmax(a)) for a in arrs),
+                                                                          default=1.0)
+        scales[m] = (lo, hi if hi > lo else lo + 1e-6)
+    for i in range(n):
+        img = np.asarray(images[i])
+        h, w = img.shape[:2]
+        extent = (0, w, h, 0)
+        mask = None if masks[i] is None else np.asarray(masks[i]) > 0
+        ax = axes[i, 0]
+        ax.imshow(img, extent=extent)
+        _outline(ax, mask, w, h, "lime")
+        ax.set_ylabel(titles[i], fontsize=8)
+        for j, m in enumerate(methods, start=1):
+            ax = axes[i, j]
+            lo, hi = scales[m]
+            a = np.asarray(maps[m][i], np.float64)
+            ax.imshow(img, extent=extent)
+            alpha = np.clip((a - lo) / (hi - lo), 0, 1) * 0.35 + 0.25   # the image always shows through
+            ax.imshow(a, cmap="jet", vmin=lo, vmax=hi, alpha=alpha, extent=extent, interpolation="bilinear")
+            _outline(ax, mask, w, h, "white")
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_title("image (green: ground truth)", fontsize=9)
+    for j, m in enumerate(methods, start=1):
+        lo, hi = scales[m]
+        axes[0, j].set_title(m, fontsize=10)
+        cbar = fig.colorbar(ScalarMappable(norm=Normalize(lo, hi), cmap="jet"), ax=list(axes[:, j]),
+                            location="bottom", shrink=0.9, aspect=25, pad=0.02)
+        cbar.set_label(f"{m} anomaly score ({lo:.3g} to {hi:.3g}; own scale)", fontsize=7)
+        cbar.ax.tick_params(labelsize=6)
+        cbar.ax.set_label("<colorbar>")
+    return fig
+
+
+def _outline(ax, mask: np.ndarray | None, w: int, h: int, colour: str) -> None:
+    """Contour of a ground-truth mask of any size, drawn to an image extent of ``w`` x ``h``."""
+    if mask is None or not mask.any() or mask.all():
+        return
+    mh, mw = mask.shape
+    ax.contour((np.arange(mw) + 0.5) * w / mw, (np.arange(mh) + 0.5) * h / mh, mask.astype(float), levels=[0.5],
+               colors=colour, linewidths=1.1)
+
+
+__all__ = ["MIN_DISPLAY_PX", "load_display_image", "method_overlays", "method_overlays_figure", "overlay_names", "overlay_png",
+           "pick_overlay_indices", "write_category_overlays"]
