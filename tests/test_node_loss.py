@@ -134,6 +134,7 @@ def _train_cmd(store: Path) -> list[str]:
             "--checkpoint-every", "8", "--log-every", "8", "--max-failures", "2", "--run-name", "nodeloss"]
 
 
+@pytest.mark.soak
 def test_sae_training_resumes_after_a_lost_node_bit_identical(three_nodes, tmp_path):
     from test_train_sae import make_token_store
 
@@ -170,6 +171,7 @@ def test_sae_training_resumes_after_a_lost_node_bit_identical(three_nodes, tmp_p
                                                                      b.state_dict().values()))
 
 
+@pytest.mark.soak
 def test_sweep_survives_a_lost_node(three_nodes, tmp_path):
     from spg_dist.data.synth import synthesize
 
