@@ -192,7 +192,7 @@ def method_overlays_figure(images: list[np.ndarray], masks: list[np.ndarray | No
         axes[0, j].set_title(m, fontsize=10)
         cbar = fig.colorbar(ScalarMappable(norm=Normalize(lo, hi), cmap="jet"), ax=list(axes[:, j]),
                             location="bottom", shrink=0.9, aspect=25, pad=0.02)
-        cbar.set_label(f"{m}: score, own scale", fontsize=7)
+        cbar.set_label(f"{m} score {lo:.2g} to {hi:.2g}", fontsize=7)
         cbar.ax.tick_params(labelsize=6)
         cbar.ax.set_label("<colorbar>")
     return fig
