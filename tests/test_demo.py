@@ -123,6 +123,7 @@ def test_demo_cli_speaks_the_common_vocabulary():
 
 
 @pytest.mark.slow
+@pytest.mark.soak  # every CI run checks the same through test_readme.py: a fresh demo prints README's table
 def test_demo_is_deterministic_for_a_seed(demo_run, tmp_path):
     """A second run from scratch (new datasets, new store, new SAEs, new detectors) prints the same metrics table as
     the first, digit for digit: nothing depends on the order Ray writes rows in, and every draw is seeded."""
