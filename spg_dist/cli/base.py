@@ -270,17 +270,20 @@ class _Group(_FriendlyErrors, click.Group):
         return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
 
 
+def package_version(dist: str, missing: str = "not installed") -> str:
+    """The installed version of distribution ``dist`` (``missing`` when it is not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return missing
+
+
 def _version(ctx: click.Context, _param, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
-    from importlib import metadata
-
-    def ver(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
+    ver = package_version
     click.echo(f"spg_dist {ver('spg_dist')}")
     for dist in ("torch", "ray", "lancedb", "pylance"):
         click.echo(f"{'lance' if dist == 'pylance' else dist} {ver(dist)}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from spg_dist.cli.base import (DEFAULT_STORE, _apply, _int_list, _str_list, alias, dataset_spec, main, on_cluster,
+                               package_version,
                                run_options, start_ray, store_path, weights_path)
 
 
@@ -157,19 +158,10 @@ def store_group(ctx: click.Context, store: str) -> None:
     if ctx.invoked_subcommand is not None:
         ctx.obj = store
         return
-    from importlib import metadata
-
     from spg_dist.store.check import describe_tables
 
     uri = store_path(store, cluster=False)
-
-    def ver(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "?"
-
-    click.echo(f"store {uri} (lancedb {ver('lancedb')}, lance {ver('pylance')})")
+    click.echo(f"store {uri} (lancedb {package_version('lancedb', '?')}, lance {package_version('pylance', '?')})")
     for t in describe_tables(uri):
         if t["rows"] is None:
             click.echo(f"{t['table']:22s} {'-':>10s}")
